@@ -1,0 +1,1 @@
+"""Calibration: setting a rule's parameters on a held-out split."""

@@ -1,0 +1,1 @@
+"""Metrics, speed accounting, results tables and plots."""

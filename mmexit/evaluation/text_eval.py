@@ -1,0 +1,182 @@
+"""Sweeps, operating-point selection and measured early-exit runs for text classifiers.
+
+Three kinds of figures, never mixed up:
+- *simulated* sweep rows: every layer ran once, exits decided afterwards with ``simulate_exits``
+  (cheap, used for curves); labelled ``simulated: true``, no wall-clock figure;
+- the operating point of each rule: the fastest point whose metric on the **calibration** split
+  is within ``tolerance`` points of the full model's there (never chosen on the test split);
+- *measured* rows: the real batched early-exit path (``early_exit_forward``) on the evaluation
+  split, timed against the full model by the BENCHMARKS.md protocol at each batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmexit.evaluation.glue_metrics import compute_metrics, predictions_from_logits
+from mmexit.evaluation.speed import efficiency, exit_histogram, layer_speedup
+from mmexit.evaluation.timing import time_alternating
+from mmexit.exits.base import ExitRule, simulate_exits
+from mmexit.inference.encoder import early_exit_forward
+from mmexit.models.encoder import MultiExitEncoder
+
+
+@dataclass
+class SplitOutputs:
+    """Every exit's outputs on one split: logits [M, N, C], pooled [M, N, H], labels [N]."""
+
+    logits: Tensor
+    pooled: Tensor
+    labels: Tensor
+
+
+@torch.inference_mode()
+def collect_exit_outputs(model: MultiExitEncoder, batches: list[dict], accelerator=None) -> SplitOutputs:
+    """Run every layer once over ``batches`` and keep each exit's logits and pooled states."""
+    logits, pooled, labels = [], [], []
+    device = next(model.parameters()).device
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        batch_logits, batch_pooled = model.forward_exits(**inputs, return_pooled=True)
+        batch_labels = batch["labels"].to(device)
+        if accelerator is not None and accelerator.num_processes > 1:
+            batch_logits, batch_pooled, batch_labels = accelerator.gather_for_metrics(
+                (batch_logits.transpose(0, 1), batch_pooled.transpose(0, 1), batch_labels))
+            batch_logits, batch_pooled = batch_logits.transpose(0, 1), batch_pooled.transpose(0, 1)
+        logits.append(batch_logits.float().cpu())
+        pooled.append(batch_pooled.float().cpu())
+        labels.append(batch_labels.cpu())
+    return SplitOutputs(torch.cat(logits, 1), torch.cat(pooled, 1), torch.cat(labels))
+
+
+def score(metric_names: tuple[str, ...], logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Task metrics of per-row logits [N, C] against labels [N]."""
+    return compute_metrics(metric_names, predictions_from_logits(logits), labels.numpy())
+
+
+def simulated_point(rule: ExitRule, outputs: SplitOutputs, exit_layers: list[int],
+                    metric_names: tuple[str, ...]) -> tuple[dict[str, float], float, Tensor]:
+    """Metrics, layer speed-up and exit index [N] of ``rule`` decided on precomputed exits."""
+    hidden = outputs.pooled if rule.needs_hidden else None
+    exit_index = simulate_exits(rule, outputs.logits, hidden)
+    chosen = outputs.logits[exit_index, torch.arange(exit_index.numel())]
+    layers = torch.tensor(exit_layers)[exit_index]
+    return score(metric_names, chosen, outputs.labels), layer_speedup(layers, exit_layers[-1]), exit_index
+
+
+def select_operating_point(rule: ExitRule, thresholds: list[float], calib: SplitOutputs,
+                           exit_layers: list[int], metric_names: tuple[str, ...], primary: str,
+                           tolerance_points: float) -> tuple[float, dict]:
+    """The threshold with the highest layer speed-up whose calibration-split metric is within
+    ``tolerance_points`` (x100 scale) of the full model's; the most accurate one when none is."""
+    full = score(metric_names, calib.logits[-1], calib.labels)[primary]
+    candidates = []
+    for threshold in thresholds:
+        metrics, speedup, _ = simulated_point(rule.with_threshold(threshold), calib, exit_layers, metric_names)
+        candidates.append((threshold, metrics[primary], speedup))
+    within = [c for c in candidates if 100 * (full - c[1]) <= tolerance_points + 1e-9]
+    if within:
+        best = max(within, key=lambda c: (c[2], c[1]))
+        note = None
+    else:
+        best = max(candidates, key=lambda c: (c[1], c[2]))
+        note = f"no operating point within {tolerance_points:g} points on the calibration split; most accurate chosen"
+    return best[0], {"calib_metric": best[1], "calib_full_metric": full, "calib_layer_speedup": best[2], "note": note}
+
+
+@torch.inference_mode()
+def run_early_exit(model: MultiExitEncoder, rule: ExitRule, batches: list[dict]) -> tuple[Tensor, Tensor]:
+    """The real batched path over ``batches``: chosen logits [N, C] and exit index [N]."""
+    device = next(model.parameters()).device
+    logits, exits = [], []
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        output = early_exit_forward(model, rule, **inputs)
+        logits.append(output.logits.float().cpu())
+        exits.append(output.exit_index.cpu())
+    return torch.cat(logits), torch.cat(exits)
+
+
+def time_against_full(model: MultiExitEncoder, rule: ExitRule, batches: list[dict], repeats: int) -> dict:
+    """Median seconds of the full model and the early-exit path over the same batches (A B A B)."""
+    device = next(model.parameters()).device
+    inputs = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+
+    def full() -> None:
+        for item in inputs:
+            model.forward_full(**item)
+
+    def early() -> None:
+        for item in inputs:
+            early_exit_forward(model, rule, **item)
+
+    times = time_alternating({"full": full, "exit": early}, repeats=repeats, warmup=1)
+    return {"time_full_s": times["full"], "time_exit_s": times["exit"], "wall_speedup": times["full"] / times["exit"]}
+
+
+def measured_rows(model: MultiExitEncoder, rule: ExitRule, method: str, split: str, eval_batches: list[dict],
+                  timing_batches: dict[int, list[dict]], labels: Tensor, metric_names: tuple[str, ...],
+                  primary: str, repeats: int, extra: Optional[dict] = None) -> tuple[list[dict], Tensor, Tensor]:
+    """Rows of one operating point measured on the real path, one per timing batch size.
+
+    Metrics, exit histogram and layer speed-up come from running the whole split through
+    ``early_exit_forward``; the wall-clock speed-up from timing the subset in ``timing_batches``
+    (efficiency divides it by the layer speed-up of that same subset).
+    """
+    logits, exit_index = run_early_exit(model, rule, eval_batches)
+    layers = torch.tensor(model.exit_layers)[exit_index]
+    metrics = score(metric_names, logits, labels)
+    speedup = layer_speedup(layers, model.num_layers)
+    rows = []
+    for batch_size, batches in timing_batches.items():
+        timed_rows = sum(b["input_ids"].shape[0] for b in batches)
+        _, timed_exits = run_early_exit(model, rule, batches)
+        timed_speedup = layer_speedup(torch.tensor(model.exit_layers)[timed_exits], model.num_layers)
+        timing = time_against_full(model, rule, batches, repeats)
+        rows.append({
+            "method": method, "rule": rule.describe(), "operating_point": rule.threshold, "split": split,
+            "metrics": metrics, "primary_metric": primary, "layer_speedup": speedup,
+            "wall_speedup": timing["wall_speedup"], "efficiency": efficiency(timing["wall_speedup"], timed_speedup),
+            "batch_size": batch_size, "exit_histogram": exit_histogram(exit_index, model.exit_layers),
+            "simulated": False, "timed_samples": timed_rows, "timed_layer_speedup": timed_speedup,
+            "time_full_s": timing["time_full_s"], "time_exit_s": timing["time_exit_s"], **(extra or {}),
+        })
+    return rows, logits, exit_index
+
+
+def full_model_rows(split: str, metrics: dict, primary: str, num_layers: int, n: int,
+                    batch_sizes: list[int]) -> list[dict]:
+    """Reference rows of the full model (by definition speed-up 1)."""
+    return [{
+        "method": "full", "rule": "full", "operating_point": None, "split": split, "metrics": metrics,
+        "primary_metric": primary, "layer_speedup": 1.0, "wall_speedup": 1.0, "efficiency": 1.0,
+        "batch_size": batch_size, "exit_histogram": {str(num_layers): n}, "simulated": False,
+    } for batch_size in batch_sizes]
+
+
+def sweep_rows(rule: ExitRule, thresholds: list[float], method: str, split: str, outputs: SplitOutputs,
+               exit_layers: list[int], metric_names: tuple[str, ...], primary: str) -> list[dict]:
+    """Simulated rows of a threshold sweep (all layers ran; labelled simulated)."""
+    rows = []
+    for threshold in thresholds:
+        point = rule.with_threshold(threshold)
+        metrics, speedup, exit_index = simulated_point(point, outputs, exit_layers, metric_names)
+        row = {
+            "method": method, "rule": point.describe(), "operating_point": threshold, "split": split,
+            "metrics": metrics, "primary_metric": primary, "layer_speedup": speedup, "wall_speedup": None,
+            "efficiency": None, "batch_size": None, "exit_histogram": exit_histogram(exit_index, exit_layers),
+            "simulated": True,
+        }
+        warning = getattr(point, "warning", None)
+        if warning:
+            row["warning"] = warning
+        rows.append(row)
+    return rows
+
+
+__all__ = ["np"]

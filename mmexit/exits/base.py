@@ -1,0 +1,113 @@
+"""The interface every exit rule implements, shared by the text and the captioning paths.
+
+A rule is asked, exit after exit, which rows of the batch stop here. It may keep per-row state
+across the exits of one forward pass (patience counters, BEEM scores, previous predictions): the
+state is a dict of tensors whose first dimension is the batch, so the inference loop can drop the
+rows that exited with ``subset_state`` and keep the rest aligned.
+
+For captioning the "batch" is the set of sequences (or beams) still decoding at one token step;
+``start`` is called once per step, so state never leaks from one token to the next.
+
+The last exit always stops every row; the inference loop enforces that, rules need not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+RuleState = dict[str, Tensor]
+
+
+@dataclass
+class ExitView:
+    """What a rule may read at one exit, for the rows still active.
+
+    logits: [rows, classes] (or [rows, vocab] for captioning), raw, before any temperature.
+    hidden: [rows, hidden] the representation the exit head read (CLS/pooled or current token),
+        or None when the caller does not provide it.
+    exit_index: 0-based position of this exit in the model's exit list.
+    num_exits: how many exits the model has (the last one is ``num_exits - 1``).
+    """
+
+    logits: Tensor
+    exit_index: int
+    num_exits: int
+    hidden: Optional[Tensor] = None
+
+
+class ExitRule:
+    """Base class. Subclasses override ``decide`` and, when stateful, ``start``.
+
+    ``threshold`` is the rule's operating point (what a sweep varies). Rules with per-exit
+    parameters set by a calibration expose them as attributes and document them.
+    """
+
+    name: str = "rule"
+    #: True for rules whose decisions need a calibration stage before they mean anything.
+    needs_calibration: bool = False
+    #: True for rules that read ``ExitView.hidden``.
+    needs_hidden: bool = False
+
+    def __init__(self, threshold: float = 0.0) -> None:
+        self.threshold = float(threshold)
+
+    def start(self, batch_size: int, device: torch.device) -> RuleState:
+        """Fresh per-row state for a batch of ``batch_size`` rows (empty for stateless rules)."""
+        return {}
+
+    def decide(self, view: ExitView, state: RuleState) -> Tensor:
+        """Return a bool mask [rows] of rows that stop at this exit; may update ``state`` in place."""
+        raise NotImplementedError
+
+    def with_threshold(self, threshold: float) -> "ExitRule":
+        """A copy of this rule at another operating point (calibrated parameters are kept)."""
+        import copy
+
+        clone = copy.copy(self)
+        clone.threshold = float(threshold)
+        return clone
+
+    def default_sweep(self) -> list[float]:
+        """Operating points a sweep tries when the recipe gives none."""
+        return [self.threshold]
+
+    def describe(self) -> str:
+        """A short label of the rule and its operating point for tables and plots."""
+        return f"{self.name}@{self.threshold:g}"
+
+    def calibration_state(self) -> dict:
+        """JSON-serialisable parameters set by a calibration (saved into the output folder)."""
+        return {}
+
+    def load_calibration_state(self, state: dict) -> None:
+        """Restore what ``calibration_state`` returned."""
+
+
+def subset_state(state: RuleState, keep: Tensor) -> RuleState:
+    """Keep the rows ``keep`` (bool mask [rows] or index tensor) of every state tensor."""
+    return {key: value[keep] for key, value in state.items()}
+
+
+def simulate_exits(rule: ExitRule, all_logits: Tensor, all_hidden: Optional[Tensor] = None) -> Tensor:
+    """Exit index per row when every exit's logits are already known (a *simulated* exit).
+
+    all_logits: [num_exits, rows, classes]; all_hidden: [num_exits, rows, hidden] or None.
+    Returns: [rows] long, the first exit whose rule fired (the last exit when none did).
+    Used for threshold sweeps and calibration; speed figures from it must be labelled simulated.
+    """
+    num_exits, rows = all_logits.shape[0], all_logits.shape[1]
+    device = all_logits.device
+    state = rule.start(rows, device)
+    exit_index = torch.full((rows,), num_exits - 1, dtype=torch.long, device=device)
+    undecided = torch.ones(rows, dtype=torch.bool, device=device)
+    for index in range(num_exits - 1):
+        hidden = None if all_hidden is None else all_hidden[index]
+        stop = rule.decide(ExitView(all_logits[index], index, num_exits, hidden), state)
+        newly = stop & undecided
+        exit_index[newly] = index
+        undecided &= ~stop
+    return exit_index

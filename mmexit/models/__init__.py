@@ -1,0 +1,1 @@
+"""Multi-exit wrappers over Hugging Face backbones, exit heads and backbone loading."""

@@ -1,0 +1,144 @@
+"""The entry point: recipe -> validated config -> accelerate -> the task's stages -> results.
+
+``accelerate launch tools/run.py RECIPE [key=value ...]`` or ``python tools/run.py ...`` or the
+``mmexit`` console script. A user error (bad recipe, missing file, malformed row) prints one line
+and exits with status 2, and nothing in an existing output folder is overwritten: all inputs are
+checked before the first write, and writes go through temporary files and renames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from mmexit.errors import MMExitError, RecipeError
+
+RESULT_FILES = ("results.json", "rows.json", "model/mmexit_model.json", "calibration.json")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds a run's outputs, unless asked to."""
+    existing = [name for name in RESULT_FILES if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise RecipeError(
+            f"run.output_dir: {output_dir} already holds results ({existing[0]}); "
+            "choose another folder or set run.overwrite=true"
+        )
+
+
+def make_accelerator(recipe: dict, output_dir: Path):
+    """An Accelerator with the recipe's precision, accumulation and tracker."""
+    from accelerate import Accelerator
+
+    train = recipe.get("train", {})
+    log_with = recipe["run"]["log_with"]
+    if log_with == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            log_with = None
+    elif log_with == "none":
+        log_with = None
+    try:
+        return Accelerator(
+            mixed_precision=train.get("mixed_precision", "no"),
+            gradient_accumulation_steps=train.get("grad_accum", 1),
+            log_with=log_with,
+            project_dir=str(output_dir),
+        )
+    except (ValueError, RuntimeError) as error:
+        raise RecipeError(f"train.mixed_precision: {str(error).splitlines()[0]}") from None
+
+
+def save_resolved_recipe(recipe: dict, output_dir: Path) -> None:
+    """Write the validated recipe with every default filled in, as ``recipe.yaml``."""
+    from mmexit.config import save_recipe
+
+    save_recipe(recipe, output_dir / "recipe.yaml")
+
+
+def run_recipe(path: str, overrides: list[str]) -> list[dict]:
+    """Load, validate and run a recipe; returns the result rows."""
+    from accelerate.utils import set_seed
+
+    from mmexit.config import load_recipe, validate_recipe
+
+    recipe = validate_recipe(load_recipe(path, overrides))
+    output_dir = Path(recipe["run"]["output_dir"])
+    check_output_dir(output_dir, recipe["run"]["overwrite"])
+    if recipe["run"]["num_threads"]:
+        import torch
+
+        torch.set_num_threads(recipe["run"]["num_threads"])
+    set_seed(recipe["run"]["seed"])
+    accelerator = make_accelerator(recipe, output_dir)
+    if recipe["task"] == "captioning":
+        from mmexit.captioning.pipeline import run_captioning
+
+        return run_captioning(recipe, accelerator, output_dir)
+    from mmexit.text_pipeline import prepare_text_run, run_text
+
+    run = prepare_text_run(recipe, accelerator, output_dir)  # data checked before any write
+    if accelerator.is_main_process:
+        save_resolved_recipe(recipe, output_dir)
+    if accelerator.trackers == [] and recipe["run"]["log_with"] != "none":
+        try:
+            accelerator.init_trackers(recipe["run"]["name"])
+        except Exception:  # a tracker that fails must not stop the run
+            pass
+    rows = run_text(run)
+    accelerator.end_training()
+    return rows
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (hub warnings, tokenizer forks) out of the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.basicConfig(level=logging.WARNING, format="mmexit: %(levelname)s: %(message)s")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI: ``run.py RECIPE [key=value ...]``. Exit 0 on success, 2 on a user error."""
+    parser = argparse.ArgumentParser(
+        prog="mmexit", description="Train, calibrate, evaluate and report an early-exit model from a YAML recipe.")
+    parser.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1 run.output_dir=out")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        rows = run_recipe(args.recipe, args.overrides)
+    except MMExitError as error:
+        print(f"mmexit: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("mmexit: interrupted", file=sys.stderr)
+        return 130
+    if rows:
+        from mmexit.config import load_recipe
+
+        output_dir = Path(load_recipe(args.recipe, args.overrides)["run"]["output_dir"])
+        table = output_dir / "results.md"
+        if table.exists():
+            print(table.read_text())
+            print(f"mmexit: results in {output_dir}/ (results.json, results.md, speed_accuracy.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

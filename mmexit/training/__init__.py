@@ -1,0 +1,1 @@
+"""Exit losses: how the exits of a multi-exit model are trained."""

@@ -1,0 +1,62 @@
+"""Joint weighted training of all exits (PABEE/BEEM), with optional distillation to the last exit."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmexit.training.base import ExitLoss, depth_weights, model_inputs, per_sample_task_loss
+
+
+class JointLoss(ExitLoss):
+    """sum_i w_i * CE_i with w_i = i / sum(i) ("depth", PABEE) or uniform weights.
+
+    distill_weight > 0 adds  distill_weight * mean_i<M KL(p_final || p_i)  at ``temperature``
+    (BEEM's optional KL-to-final term; the final exit's distribution is detached).
+    """
+
+    def __init__(self, weights: str = "depth", distill_weight: float = 0.0, temperature: float = 1.0) -> None:
+        if weights not in ("depth", "uniform"):
+            from mmexit.errors import RecipeError
+
+            raise RecipeError(f"train.loss.weights: {weights!r} is not allowed; allowed: depth, uniform")
+        self.weights = weights
+        self.distill_weight = float(distill_weight)
+        self.temperature = float(temperature)
+
+    def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
+        logits = model(**model_inputs(batch))  # [exits, batch, labels]
+        per_exit = per_sample_task_loss(logits, batch["labels"]).mean(-1)  # [exits]
+        weights = depth_weights(logits.shape[0], logits.device, self.weights)
+        loss = (weights * per_exit).sum()
+        logs = {"loss_task": float(loss), "loss_last_exit": float(per_exit[-1])}
+        if self.distill_weight > 0 and logits.shape[-1] > 1 and logits.shape[0] > 1:
+            teacher = F.softmax(logits[-1].detach().float() / self.temperature, -1)
+            students = F.log_softmax(logits[:-1].float() / self.temperature, -1)
+            kl = (teacher * (teacher.clamp_min(1e-12).log() - students)).sum(-1).mean()
+            loss = loss + self.distill_weight * kl * self.temperature**2
+            logs["loss_distill"] = float(kl)
+        return loss, logs
+
+
+class FinalOnlyLoss(ExitLoss):
+    """The last exit's loss alone: a plain fine-tune (full model, static truncation, two-stage stage 1)."""
+
+    trains = "final"
+
+    def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
+        logits = model(**model_inputs(batch), final_only=True)[0]
+        loss = per_sample_task_loss(logits, batch["labels"]).mean()
+        return loss, {"loss_task": float(loss)}
+
+
+class InternalExitsLoss(ExitLoss):
+    """Two-stage (DeeBERT), stage 2: uniform CE over the internal exits; backbone and last head frozen."""
+
+    trains = "internal"
+
+    def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
+        logits = model(**model_inputs(batch))
+        internal = logits[:-1] if logits.shape[0] > 1 else logits
+        loss = per_sample_task_loss(internal, batch["labels"]).mean()
+        return loss, {"loss_task": float(loss)}
