@@ -168,7 +168,7 @@ def stage_evaluate(run: TextRun, rules: list[tuple[dict, ExitRule]], calib: text
     split = evaluate["split"]
     task = run.task
     eval_batches = split_batches(run, split, evaluate["batch_size"])
-    outputs = text_eval.collect_exit_outputs(run.model, eval_batches, run.accelerator)
+    outputs = text_eval.collect_exit_outputs(run.model, eval_batches, run.accelerator, f"all exits ({split})")
     exit_layers = run.model.exit_layers
     full_metrics = text_eval.score(task.metrics, outputs.logits[-1], outputs.labels)
     rows = text_eval.full_model_rows(split, full_metrics, task.primary_metric, run.model.num_layers,
@@ -222,7 +222,8 @@ def run_text(run: TextRun) -> list[dict]:
         rules = build_rules(run)
         calib_split = run.recipe["calibration"]["split"]
         calib = text_eval.collect_exit_outputs(
-            run.model, split_batches(run, calib_split, run.recipe["evaluate"]["batch_size"]), run.accelerator)
+            run.model, split_batches(run, calib_split, run.recipe["evaluate"]["batch_size"]), run.accelerator,
+            f"all exits ({calib_split})")
         if "calibrate" in stages:
             stage_calibrate(run, rules, calib)
         else:

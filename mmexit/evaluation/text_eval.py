@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mmexit.evaluation.glue_metrics import compute_metrics, predictions_from_logits
 from mmexit.evaluation.speed import efficiency, exit_histogram, layer_speedup
@@ -36,22 +37,28 @@ class SplitOutputs:
 
 
 @torch.inference_mode()
-def collect_exit_outputs(model: MultiExitEncoder, batches: list[dict], accelerator=None) -> SplitOutputs:
-    """Run every layer once over ``batches`` and keep each exit's logits and pooled states."""
-    logits, pooled, labels = [], [], []
+def collect_exit_outputs(model: MultiExitEncoder, batches: list[dict], accelerator=None,
+                         desc: str = "exits") -> SplitOutputs:
+    """Run every layer once over ``batches`` and keep each exit's logits and pooled states.
+
+    With several processes, batch k is computed by process k % world_size and the results are
+    gathered back in order, so every process ends with the whole split.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
-    for batch in batches:
+    mine = []
+    quiet = accelerator is not None and not accelerator.is_local_main_process
+    for index in tqdm(range(rank, len(batches), world), desc=desc, disable=quiet, leave=False):
+        batch = batches[index]
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        batch_logits, batch_pooled = model.forward_exits(**inputs, return_pooled=True)
-        batch_labels = batch["labels"].to(device)
-        if accelerator is not None and accelerator.num_processes > 1:
-            batch_logits, batch_pooled, batch_labels = accelerator.gather_for_metrics(
-                (batch_logits.transpose(0, 1), batch_pooled.transpose(0, 1), batch_labels))
-            batch_logits, batch_pooled = batch_logits.transpose(0, 1), batch_pooled.transpose(0, 1)
-        logits.append(batch_logits.float().cpu())
-        pooled.append(batch_pooled.float().cpu())
-        labels.append(batch_labels.cpu())
-    return SplitOutputs(torch.cat(logits, 1), torch.cat(pooled, 1), torch.cat(labels))
+        logits, pooled = model.forward_exits(**inputs, return_pooled=True)
+        mine.append((index, logits.float().cpu(), pooled.float().cpu(), batch["labels"].cpu()))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        mine = sorted(gather_object(mine), key=lambda item: item[0])
+    return SplitOutputs(torch.cat([m[1] for m in mine], 1), torch.cat([m[2] for m in mine], 1),
+                        torch.cat([m[3] for m in mine]))
 
 
 def score(metric_names: tuple[str, ...], logits: Tensor, labels: Tensor) -> dict[str, float]:
@@ -94,7 +101,7 @@ def run_early_exit(model: MultiExitEncoder, rule: ExitRule, batches: list[dict])
     """The real batched path over ``batches``: chosen logits [N, C] and exit index [N]."""
     device = next(model.parameters()).device
     logits, exits = [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc=f"early exit {rule.describe()}", leave=False):
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         output = early_exit_forward(model, rule, **inputs)
         logits.append(output.logits.float().cpu())
