@@ -105,9 +105,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
     try:
+        import huggingface_hub
         import transformers
 
         transformers.logging.set_verbosity_error()
+        huggingface_hub.utils.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
     logging.basicConfig(level=logging.WARNING, format="mmexit: %(levelname)s: %(message)s")

@@ -42,7 +42,7 @@ class TextRun:
 
 
 def prepare_text_run(recipe: dict, accelerator: Accelerator, output_dir: Path) -> TextRun:
-    """Everything that can fail on bad input, done before anything is written: data and rules."""
+    """Everything that can fail on bad input, done before anything is written: data, rules, model."""
     task = load_text_task(recipe["data"])
     for index, spec in enumerate(recipe["evaluate"]["rules"]):
         name = spec.get("name", spec.get("_target_", ""))
@@ -53,7 +53,9 @@ def prepare_text_run(recipe: dict, accelerator: Accelerator, output_dir: Path) -
             )
     if not task.splits["train"] and "train" in recipe["run"]["stages"]:
         raise RecipeError(f"data: the training split of {task.name} is empty")
-    return TextRun(recipe, task, output_dir, accelerator)
+    run = TextRun(recipe, task, output_dir, accelerator)
+    run.model = build_model(run).to(accelerator.device)  # a missing/unreachable model fails here
+    return run
 
 
 def build_model(run: TextRun) -> MultiExitEncoder:
@@ -213,7 +215,6 @@ def _predictions(logits: torch.Tensor) -> list:
 def run_text(run: TextRun) -> list[dict]:
     """Run the recipe's stages in order; returns the result rows (empty without evaluate)."""
     stages = run.recipe["run"]["stages"]
-    run.model = build_model(run).to(run.accelerator.device)
     if "train" in stages:
         stage_train(run)
     run.model.eval()

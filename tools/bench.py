@@ -43,7 +43,7 @@ def selected_points(output_dir: Path) -> dict[str, float]:
 def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | None,
           batch_sizes: list[int]) -> int:
     from mmexit.runner import quiet_libraries
-    from mmexit.text_pipeline import TextRun, build_model, build_rules, load_calibration, prepare_text_run
+    from mmexit.text_pipeline import TextRun, build_rules, load_calibration, prepare_text_run
 
     quiet_libraries()
     samples = 64 if quick else None
@@ -56,7 +56,7 @@ def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | 
     from accelerate import Accelerator
 
     run: TextRun = prepare_text_run(recipe, Accelerator(cpu=not torch.cuda.is_available()), output_dir)
-    run.model = build_model(run).eval().to(run.accelerator.device)
+    run.model.eval()
     trained = recipe["model"]["init_from"] or (output_dir / "model" / "mmexit_model.json").exists()
     rules = build_rules(run)
     try:
