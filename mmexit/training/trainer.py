@@ -32,6 +32,32 @@ def set_trainable(model: MultiExitEncoder, trains: str) -> None:
             raise ValueError(f"unknown trains={trains}")
 
 
+class LengthGroupedBatches:
+    """Shuffled batches of similar length: less padding, so fewer wasted FLOPs per step.
+
+    Each epoch: shuffle, cut into windows of ``window`` batches, sort each window by length, cut
+    into batches, shuffle the batches. Lengths are character counts, a cheap proxy for tokens.
+    """
+
+    def __init__(self, examples: list[TextExample], batch_size: int, seed: int, window: int = 50) -> None:
+        self.lengths = [len(e.text_a) + len(e.text_b or "") for e in examples]
+        self.batch_size = batch_size
+        self.window = window * batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start:start + self.window], key=lambda i: self.lengths[i])
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
+
+
 def train_stage(
     model: MultiExitEncoder,
     loss_fn: ExitLoss,
@@ -47,9 +73,8 @@ def train_stage(
 ) -> list[dict]:
     """Train ``model`` in place with ``loss_fn``; returns the logged rows (step, loss, ...)."""
     set_trainable(model, loss_fn.trains)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(examples, batch_size=train["batch_size"], shuffle=True,
-                        collate_fn=Collator(tokenizer, max_length), generator=generator)
+    loader = DataLoader(examples, batch_sampler=LengthGroupedBatches(examples, train["batch_size"], seed),
+                        collate_fn=Collator(tokenizer, max_length))
     head_lr = train["head_lr"] or lr
     groups = {}
     for name, parameter in model.named_parameters():
