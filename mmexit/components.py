@@ -31,5 +31,6 @@ COMPONENTS: dict[str, dict[str, str]] = {
         "temperature": "mmexit.calibration.temperature.TemperatureCalibration",
         "beem": "mmexit.calibration.beem.BEEMCalibration",
         "pcee": "mmexit.calibration.pcee.PCEECalibration",
+        "ltt": "mmexit.calibration.ltt.LTTCalibration",
     },
 }
