@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from mmexit_testing import REPO
 
 
 @pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from mmexit_testing import REPO
 from mmexit.config import load_recipe, validate_recipe
 from mmexit.errors import RecipeError
 from mmexit.runner import main

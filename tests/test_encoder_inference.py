@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_batch, tiny_model
+from mmexit_testing import random_batch, tiny_model
 from mmexit.exits.base import simulate_exits
 from mmexit.exits.confidence import EntropyRule, FixedExitRule, MaxProbRule, NeverExitRule
 from mmexit.exits.patience import PatienceRule

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from mmexit_testing import REPO
 from mmexit.runner import main
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from conftest import random_batch, tiny_model
+from mmexit_testing import random_batch, tiny_model
 from mmexit.exits.base import ExitView, simulate_exits
 from mmexit.exits.confidence import EntropyRule, MaxProbRule
 from mmexit.exits.patience import PatienceRule

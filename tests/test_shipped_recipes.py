@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_GLUE, random_batch
+from mmexit_testing import REPO, SHARED_GLUE, random_batch
 from mmexit.config import build_component, load_recipe, validate_recipe
 from mmexit.inference.encoder import early_exit_forward
 from mmexit.models.encoder import MultiExitEncoder

