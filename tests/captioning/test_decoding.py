@@ -1,0 +1,119 @@
+"""Equivalence of the per-token early-exit decoder: never-exit == full greedy == HF generate,
+cached == uncached, batched == one-by-one, beam with never-exit == full beam; rows really leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmexit.captioning.decoding import beam_decode, greedy_decode
+from mmexit.exits.base import ExitRule
+from mmexit.exits.confidence import MaxProbRule, NeverExitRule
+from mmexit.exits.saturation import SaturationRule
+
+MAX_LEN = 12
+BOS, EOS = 1, 2
+
+
+def _generate(model, features, **kwargs):
+    out = model.decoder.generate(input_ids=torch.full((features.shape[0], 1), BOS), encoder_hidden_states=features,
+                                 max_new_tokens=MAX_LEN, do_sample=False, eos_token_id=EOS, pad_token_id=0, **kwargs)
+    rows = []
+    for row in out[:, 1:].tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+def test_never_exit_equals_full_greedy_and_hf_generate(tiny_captioner, tiny_features):
+    full = greedy_decode(tiny_captioner, tiny_features, None, MAX_LEN, BOS, EOS)
+    never = greedy_decode(tiny_captioner, tiny_features, NeverExitRule(), MAX_LEN, BOS, EOS)
+    assert any(EOS in row for row in full.tokens), "test needs rows that finish early"
+    assert never.tokens == full.tokens
+    assert never.tokens == _generate(tiny_captioner, tiny_features)
+    assert int(never.layers.min()) == tiny_captioner.num_layers
+
+
+@pytest.mark.parametrize("rule", [MaxProbRule(0.3), MaxProbRule(0.5), SaturationRule(0.9), NeverExitRule()],
+                         ids=["maxprob0.3", "maxprob0.5", "saturation", "never"])
+@pytest.mark.parametrize("policy", ["propagate", "oracle"])
+def test_cached_equals_uncached(tiny_captioner, tiny_features, rule, policy):
+    cached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy)
+    uncached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy, cached=False)
+    assert cached.tokens == uncached.tokens
+    assert cached.token_layers == uncached.token_layers
+
+
+def test_early_exit_really_exits_and_differs_from_oracle_kv(tiny_captioner, tiny_features):
+    result = greedy_decode(tiny_captioner, tiny_features, MaxProbRule(0.3), MAX_LEN, BOS, EOS)
+    layers = result.layers
+    assert int(layers.min()) < tiny_captioner.num_layers  # some tokens left early
+    assert len(set(layers.tolist())) >= 2  # rows of one batch exit at different layers
+    assert not result.simulated
+    assert greedy_decode(tiny_captioner, tiny_features, MaxProbRule(0.3), MAX_LEN, BOS, EOS, policy="oracle").simulated
+
+
+def test_batched_equals_one_by_one(tiny_captioner, tiny_features):
+    rule = MaxProbRule(0.4)
+    batched = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS)
+    single = [greedy_decode(tiny_captioner, tiny_features[i:i + 1], rule, MAX_LEN, BOS, EOS)
+              for i in range(tiny_features.shape[0])]
+    assert batched.tokens == [s.tokens[0] for s in single]
+    assert batched.token_layers == [s.token_layers[0] for s in single]
+
+
+class _Spy(ExitRule):
+    """Stops every other row at the first exit; records how many rows each exit sees."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.rows: list[tuple[int, int]] = []
+
+    def decide(self, view, state):
+        self.rows.append((view.exit_index, view.logits.shape[0]))
+        stop = torch.zeros(view.logits.shape[0], dtype=torch.bool)
+        if view.exit_index == 0:
+            stop[::2] = True
+        return stop
+
+
+def test_exited_rows_leave_the_layer_computation(tiny_captioner, tiny_features):
+    spy = _Spy()
+    greedy_decode(tiny_captioner, tiny_features, spy, 1, BOS, EOS)
+    rows = tiny_features.shape[0]
+    assert spy.rows[0] == (0, rows)
+    assert spy.rows[1] == (1, rows - (rows + 1) // 2)
+
+
+def test_beam_never_exit_equals_full_beam_and_hf(tiny_captioner, tiny_features):
+    full = beam_decode(tiny_captioner, tiny_features, None, 3, MAX_LEN, BOS, EOS)
+    never = beam_decode(tiny_captioner, tiny_features, NeverExitRule(), 3, MAX_LEN, BOS, EOS)
+    reference = beam_decode(tiny_captioner, tiny_features, None, 3, MAX_LEN, BOS, EOS, cached=False)
+    assert never.tokens == full.tokens == reference.tokens
+    assert full.tokens == _generate(tiny_captioner, tiny_features, num_beams=3, early_stopping=True, length_penalty=1.0)
+
+
+def test_beam_early_exit_cached_equals_uncached(tiny_captioner, tiny_features):
+    rule = MaxProbRule(0.4)
+    cached = beam_decode(tiny_captioner, tiny_features, rule, 3, MAX_LEN, BOS, EOS)
+    uncached = beam_decode(tiny_captioner, tiny_features, rule, 3, MAX_LEN, BOS, EOS, cached=False)
+    assert cached.tokens == uncached.tokens
+    assert torch.equal(cached.layers, uncached.layers)
+    assert int(cached.layers.min()) < tiny_captioner.num_layers
+
+
+@pytest.mark.parametrize("exit_head", ["norm", "adapter"])
+def test_subset_exits_and_exit_heads(make_spec, exit_head):
+    from mmexit.captioning.model import build_captioner
+
+    torch.manual_seed(3)
+    model = build_captioner(make_spec(n_layer=4, exits=[2, 3], exit_head=exit_head)).eval()
+    assert model.exits == [2, 3, 4]
+    with torch.inference_mode():
+        features = model.encode(torch.randn(3, 3, 32, 32))
+    rule = MaxProbRule(0.3)
+    cached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS)
+    uncached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS, cached=False)
+    assert cached.tokens == uncached.tokens
+    assert set(cached.layers.tolist()) <= {2, 3, 4}

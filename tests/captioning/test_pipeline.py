@@ -1,0 +1,94 @@
+"""run_captioning: bad inputs fail before anything is written; a reduced quickstart end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+
+from mmexit.captioning.pipeline import run_captioning
+from mmexit.captioning.scenes import generate_scenes
+from mmexit.config import load_recipe, validate_recipe
+from mmexit.errors import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "caption_quickstart.yaml"
+TINY = [
+    "data.scenes.num_train=64", "data.scenes.num_val=12", "data.scenes.num_test=12", "data.scenes.image_size=32",
+    "model.image_size=32", "model.encoder.kwargs.img_size=32", "model.encoder.kwargs.depth=1",
+    "model.decoder.config.n_layer=3", "model.decoder.config.n_embd=32", "model.decoder.config.n_head=2",
+    "train.epochs=1", "train.batch_size=32", "evaluate.max_len=10",
+    "evaluate.rules=[{name: maxprob, sweep: [0.3, 0.9]}, {name: beem, calibration: {name: beem}, sweep: [0.0, 0.1]}]",
+    "evaluate.metrics=[Bleu_4, ROUGE_L, CIDEr]", "evaluate.timing_batch_sizes=[4, 1]", "evaluate.timing_repeats=1",
+    "evaluate.timing_images=8", "evaluate.sweep_max_images=12", "evaluate.oracle_sweep=false",
+]
+
+
+def _recipe(tmp_path: Path, *extra: str) -> dict:
+    return validate_recipe(load_recipe(QUICKSTART, [*TINY, f"data.root={tmp_path / 'scenes'}",
+                                                    f"run.output_dir={tmp_path / 'out'}", *extra]))
+
+
+def _coco_layout(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "scenes"
+    generate_scenes(root, 64, 12, 12, 32, 0)
+    overrides = ["data.source=coco", f"data.annotations={{train: {root}/annotations/captions_train.json, "
+                 f"val: {root}/annotations/captions_val.json, test: {root}/annotations/captions_test.json}}",
+                 f"data.image_dirs={{train: {root}/images/train, val: {root}/images/val, test: {root}/images/test}}"]
+    return root, overrides
+
+
+def _assert_untouched(out: Path, before: dict) -> None:
+    after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    assert after == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable", "format", "no_captions"])
+def test_bad_inputs_fail_before_writing(tmp_path, damage):
+    root, overrides = _coco_layout(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    test_json = root / "annotations/captions_test.json"
+    data = json.loads(test_json.read_text())
+    victim = data["images"][3]
+    if damage == "missing":
+        (root / "images/test" / victim["file_name"]).unlink()
+        expected = rf"image file does not exist: .*{victim['file_name']} \(image id {victim['id']}\)"
+    elif damage == "unreadable":
+        (root / "images/test" / victim["file_name"]).write_bytes(b"\x89PNG garbage")
+        expected = rf"cannot read image .*{victim['file_name']} \(image id {victim['id']}\)"
+    elif damage == "format":
+        test_json.write_text(json.dumps([{"image_id": 1, "caption": "x"}]))
+        expected = r"captions_test.json: wrong format"
+    else:
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] != victim["id"]]
+        test_json.write_text(json.dumps(data))
+        expected = rf"image id {victim['id']} \(.*\) has no captions"
+    recipe = _recipe(tmp_path, *overrides, "run.overwrite=true")
+    with pytest.raises(DataError, match=expected):
+        run_captioning(recipe, Accelerator(cpu=True), out)
+    _assert_untouched(out, before)
+
+
+@pytest.mark.integration
+def test_reduced_quickstart_end_to_end(tmp_path):
+    recipe = _recipe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = run_captioning(recipe, Accelerator(cpu=True), out)
+    for name in ("results.json", "results.md", "speed_accuracy.png", "calibration.json", "model/model.safetensors",
+                 "model/tokenizer.json", "predictions/full_test.json", "examples.md"):
+        assert (out / name).is_file(), name
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert {r["batch_size"] for r in test_rows} == {4, 1}
+    assert all(r["wall_speedup"] and r["efficiency"] for r in test_rows)
+    assert all("CIDEr" in r["metrics"] for r in rows)
+    predictions = json.loads((out / "predictions/full_test.json").read_text())
+    assert len(predictions) == 12 and {"image_id", "caption"} <= set(predictions[0])
+    # evaluate again from the saved model and calibration, without training
+    again = run_captioning(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"])), Accelerator(cpu=True), out)
+    assert [r["rule"] for r in again] == [r["rule"] for r in rows]
