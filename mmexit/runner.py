@@ -38,12 +38,9 @@ def make_accelerator(recipe: dict, output_dir: Path):
     train = recipe.get("train", {})
     log_with = recipe["run"]["log_with"]
     if log_with == "auto":
-        try:
-            import tensorboard  # noqa: F401
+        import importlib.util
 
-            log_with = "tensorboard"
-        except ImportError:
-            log_with = None
+        log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     elif log_with == "none":
         log_with = None
     try:

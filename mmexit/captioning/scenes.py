@@ -141,10 +141,10 @@ def captions_for(shapes: list[Shape], rng: random.Random) -> list[str]:
         pool = [
             f"a {a.phrase()} , a {b.phrase()} and a {c.phrase()}",
             f"three shapes : a {a.phrase(False)} , a {b.phrase(False)} and a {c.phrase(False)}",
-            f"there are three shapes in the picture",
+            "there are three shapes in the picture",
             f"a {a.phrase(False)} {_relation(a, b)} a {b.phrase(False)} and a {c.phrase(False)}",
             f"an image with three shapes including a {c.phrase()}",
-            f"a picture of three shapes on a white background",
+            "a picture of three shapes on a white background",
             f"a {b.phrase()} {_relation(b, c)} a {c.phrase()} and a {a.phrase(False)}",
         ]
     return rng.sample(pool, 5)

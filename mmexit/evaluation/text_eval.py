@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -185,5 +184,3 @@ def sweep_rows(rule: ExitRule, thresholds: list[float], method: str, split: str,
         rows.append(row)
     return rows
 
-
-__all__ = ["np"]

@@ -11,7 +11,6 @@ supported yet and fails with a clear message.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -92,5 +91,3 @@ def subset_context(context: LayerContext, keep: Tensor) -> LayerContext:
     """Keep rows ``keep`` (bool [batch] or indices) of every context tensor."""
     return {key: value[keep] for key, value in context.items()}
 
-
-__all__ = ["EncoderAdapter", "MPNetAdapter", "adapter_for", "subset_context", "LayerContext", "torch"]

@@ -35,7 +35,6 @@ def simulated_exit(signals: Tensor, thresholds: Tensor) -> Tensor:
 
     signals: [M, N] (detached); thresholds: [K]. Returns [K, N] long (0-based exit indices).
     """
-    num_exits = signals.shape[0]
     internal = signals[:-1]  # [M-1, N]
     fires = internal.unsqueeze(0) < thresholds.view(-1, 1, 1)  # [K, M-1, N]
     fires = torch.cat([fires, torch.ones_like(fires[:, :1])], dim=1)  # the last exit always fires
