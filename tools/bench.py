@@ -41,13 +41,13 @@ def selected_points(output_dir: Path) -> dict[str, float]:
 
 
 def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | None,
-          batch_sizes: list[int]) -> int:
+          batch_sizes: list[int], samples: int | None = None, repeats: int | None = None) -> int:
     from mmexit.runner import quiet_libraries
     from mmexit.text_pipeline import TextRun, build_rules, load_calibration, prepare_text_run
 
     quiet_libraries()
-    samples = 64 if quick else None
-    repeats = 3 if quick else 7
+    samples = samples or (64 if quick else None)
+    repeats = repeats or (3 if quick else 7)
     recipe = validate_recipe(load_recipe(recipe_path, overrides))
     output_dir = Path(recipe["run"]["output_dir"])
     if model_dir:
@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 samples, 3 repeats (CI smoke test)")
     parser.add_argument("--model", help="a trained mmexit output folder or model/ folder")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
+    parser.add_argument("--samples", type=int, help="first N samples of the evaluation split (default: all)")
+    parser.add_argument("--repeats", type=int, help="timed repeats, median taken (default 7)")
     args = parser.parse_args(argv)
     try:
-        return bench(args.recipe, args.overrides, args.quick, args.model, args.batch_sizes)
+        return bench(args.recipe, args.overrides, args.quick, args.model, args.batch_sizes, args.samples, args.repeats)
     except MMExitError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2
