@@ -43,8 +43,11 @@ def make_accelerator(recipe: dict, output_dir: Path):
         log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     elif log_with == "none":
         log_with = None
+    import torch
+
     try:
         return Accelerator(
+            cpu=not torch.cuda.is_available(),  # also makes torchrun/mpirun CPU launches real DDP (gloo)
             mixed_precision=train.get("mixed_precision", "no"),
             gradient_accumulation_steps=train.get("grad_accum", 1),
             log_with=log_with,
@@ -52,6 +55,17 @@ def make_accelerator(recipe: dict, output_dir: Path):
         )
     except (ValueError, RuntimeError) as error:
         raise RecipeError(f"train.mixed_precision: {str(error).splitlines()[0]}") from None
+
+
+def set_cpu_threads(requested: Optional[int], accelerator) -> None:
+    """On CPU, share the cores between processes: ``accelerate launch`` sets OMP_NUM_THREADS=1,
+    which would leave a single process on one core. ``run.num_threads`` overrides."""
+    import torch
+
+    if requested:
+        torch.set_num_threads(requested)
+    elif accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
 def save_resolved_recipe(recipe: dict, output_dir: Path) -> None:
@@ -70,12 +84,9 @@ def run_recipe(path: str, overrides: list[str]) -> list[dict]:
     recipe = validate_recipe(load_recipe(path, overrides))
     output_dir = Path(recipe["run"]["output_dir"])
     check_output_dir(output_dir, recipe["run"]["overwrite"])
-    if recipe["run"]["num_threads"]:
-        import torch
-
-        torch.set_num_threads(recipe["run"]["num_threads"])
     set_seed(recipe["run"]["seed"])
     accelerator = make_accelerator(recipe, output_dir)
+    set_cpu_threads(recipe["run"]["num_threads"], accelerator)
     if recipe["task"] == "captioning":
         from mmexit.captioning.pipeline import run_captioning
 

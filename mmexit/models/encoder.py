@@ -64,12 +64,15 @@ class MultiExitEncoder(nn.Module):
         self.exit_after = {layer - 1: index for index, layer in enumerate(self.exit_layers)}
 
     def _init_poolers_from_backbone(self) -> None:
-        """Start every exit's pooler from the backbone's pretrained pooler when it has one."""
+        """Start every exit's pooler from the backbone's pretrained pooler when it has one, then
+        drop the backbone's pooler: it would be a parameter no loss uses (DDP refuses those)."""
         pooler = getattr(self.backbone, "pooler", None)
         dense = getattr(pooler, "dense", None)
         if isinstance(dense, nn.Linear):
             for head in self.heads:
                 head.dense.load_state_dict(dense.state_dict())
+        if pooler is not None:
+            self.backbone.pooler = None
 
     @property
     def num_exits(self) -> int:
