@@ -16,7 +16,8 @@ Choices mmexit makes (and where they are documented):
 - exit heads: the decoder's ``ln_f`` + the shared LM head by default (``model.py``);
 - calibration "correct" token: the full model's greedy token under teacher forcing by default,
   the reference token optionally (``calibration.py``);
-- skipped layers' K/V: CALM state propagation by default, oracle as a simulated analysis mode;
-  the deferred-compute (FREE) policy is not implemented (``decoding.py``);
+- skipped layers' K/V: CALM state propagation by default; FREE-style deferred compute (exact
+  cache, catch-up work counted in ``compute_speedup``); oracle as a simulated analysis mode
+  (``decoding.py``);
 - the saturation rule never stops at the first exit (no previous hidden state to compare with).
 """

@@ -11,9 +11,13 @@ Policies (``policy``):
   position are computed from the exit's hidden state with that layer's own ``ln_1`` and the K/V
   part of ``attn.c_attn`` (no attention, no MLP). This cost is not counted in the layer
   speed-up (it is about 2/16 of a layer); the wall-clock efficiency shows it.
+- ``deferred`` (FREE-style deferred compute): a row that exits at layer k keeps the position's
+  hidden state; when a later token of that row runs layer j, every position still waiting at
+  layer j runs it *together with* that token (one causal chunk), which writes their true K/V.
+  The cache is therefore exact (the K/V the full model would have), so the tokens equal those of
+  ``oracle``; the catch-up work is real and counted (``DecodeResult.catchup_layers``).
 - ``oracle``: every row runs every layer (true K/V everywhere), the rule is applied to the
   exits afterwards and the token comes from the exit where it fired. Costs are *simulated*.
-The deferred-compute policy (FREE) is not implemented; see the package docs.
 
 The cache is preallocated ([rows, heads, max_len, head_dim] per layer); cross-attention K/V are
 computed once from the image features. Rows that finish (EOS) are compacted out of the cache, so a
@@ -34,7 +38,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule, ExitView, subset_state
 
-POLICIES = ("propagate", "oracle")
+POLICIES = ("propagate", "deferred", "oracle")
 
 
 @dataclass
@@ -43,7 +47,9 @@ class DecodeResult:
 
     layers: [row_steps] layers each computed row ran at each step (beam: every beam row);
     exit_index: [row_steps] index of the exit each row-step stopped at;
-    token_layers: per input row, layers run for each generated token (greedy only).
+    token_layers: per input row, layers run for each generated token (greedy only);
+    catchup_layers: layer computations of earlier positions caught up under ``deferred``
+    (position x layer; 0 under the other policies).
     """
 
     tokens: list[list[int]]
@@ -51,12 +57,17 @@ class DecodeResult:
     exit_index: Tensor
     token_layers: list[list[int]] = field(default_factory=list)
     simulated: bool = False
+    catchup_layers: int = 0
 
 
 class DecoderCache:
-    """Self-attention K/V [rows, heads, max_len, head_dim] per layer + cross-attention K/V per layer."""
+    """Self-attention K/V [rows, heads, max_len, head_dim] per layer + cross-attention K/V per layer.
 
-    def __init__(self, model, features: Tensor, max_len: int) -> None:
+    With ``deferred``: depth [rows, max_len] (layers whose K/V are true at each position) and
+    waiting [rows, max_len, width] (hidden state of a position whose depth < num_layers).
+    """
+
+    def __init__(self, model, features: Tensor, max_len: int, deferred: bool = False) -> None:
         config = model.decoder.config
         rows, width = features.shape[0], config.n_embd
         self.num_heads = config.n_head
@@ -69,6 +80,11 @@ class DecoderCache:
             key, value = block.crossattention.c_attn(features).split(width, dim=-1)  # [rows, patches, width]
             self.cross_keys.append(self._heads(key))
             self.cross_values.append(self._heads(value))
+        self.depth: Optional[Tensor] = None
+        self.waiting: Optional[Tensor] = None
+        if deferred:
+            self.depth = torch.full((rows, max_len), len(model.blocks), dtype=torch.long, device=features.device)
+            self.waiting = features.new_zeros(rows, max_len, width)
 
     def _heads(self, tensor: Tensor) -> Tensor:
         rows, patches, _ = tensor.shape
@@ -79,6 +95,8 @@ class DecoderCache:
         for store in (self.keys, self.values, self.cross_keys, self.cross_values):
             for layer, tensor in enumerate(store):
                 store[layer] = tensor[index]
+        if self.depth is not None:
+            self.depth, self.waiting = self.depth[index], self.waiting[index]
 
 
 def _cached_layer(block, hidden: Tensor, cache: DecoderCache, layer: int, rows: Optional[Tensor], t: int) -> Tensor:
@@ -106,6 +124,47 @@ def _cached_layer(block, hidden: Tensor, cache: DecoderCache, layer: int, rows: 
     return hidden + block.mlp(block.ln_2(hidden))
 
 
+def _chunk_layer(block, hidden: Tensor, cache: DecoderCache, layer: int, row_ids: Tensor, t: int,
+                 waiting: Tensor) -> tuple[Tensor, int]:
+    """One GPT2Block for position t plus the positions waiting at this layer, as one causal chunk.
+
+    hidden [r, width] (position t); row_ids [r] cache rows; waiting [r, t] bool (positions < t
+    whose depth == layer). Their K/V at this layer are written, their hidden states and depth
+    advance by one layer. Returns (hidden of position t [r, width], positions caught up).
+    """
+    r, width = hidden.shape
+    heads, head_dim = cache.num_heads, cache.head_dim
+    counts = waiting.sum(1)  # [r]
+    c = int(counts.max())
+    order = torch.arange(t, device=hidden.device).expand(r, t)
+    order = torch.where(waiting, order, order + t).sort(dim=1).values[:, :c]  # waiting positions first, ascending
+    valid = torch.arange(c, device=hidden.device)[None, :] < counts[:, None]  # [r, c]
+    past = torch.where(valid, order, torch.full_like(order, t))  # padding points at t (outputs discarded)
+    positions = torch.cat([past, torch.full((r, 1), t, dtype=torch.long, device=hidden.device)], dim=1)  # [r, c+1]
+    chunk = torch.cat([cache.waiting[row_ids[:, None], past], hidden[:, None]], dim=1)  # [r, c+1, width]
+    write = torch.cat([valid, torch.ones(r, 1, dtype=torch.bool, device=hidden.device)], dim=1)
+    write_rows, write_positions = row_ids[:, None].expand(r, c + 1)[write], positions[write]
+    attention = block.attn
+    query, key, value = attention.c_attn(block.ln_1(chunk)).split(width, dim=-1)  # [r, c+1, width]
+    cache.keys[layer][write_rows, :, write_positions] = key[write].view(-1, heads, head_dim)
+    cache.values[layer][write_rows, :, write_positions] = value[write].view(-1, heads, head_dim)
+    keys, values = cache.keys[layer][row_ids, :, : t + 1], cache.values[layer][row_ids, :, : t + 1]
+    mask = torch.arange(t + 1, device=hidden.device)[None, None, None, :] <= positions[:, None, :, None]
+    query = query.view(r, c + 1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attention.scaling)
+    chunk = chunk + attention.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
+    cross = block.crossattention
+    query = cross.q_attn(block.ln_cross_attn(chunk)).view(r, c + 1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, cache.cross_keys[layer][row_ids], cache.cross_values[layer][row_ids],
+                                         scale=cross.scaling)
+    chunk = chunk + cross.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
+    chunk = chunk + block.mlp(block.ln_2(chunk))
+    done_rows, done_positions = row_ids[:, None].expand(r, c)[valid], past[valid]
+    cache.waiting[done_rows, done_positions] = chunk[:, :c][valid]
+    cache.depth[done_rows, done_positions] = layer + 1
+    return chunk[:, c], int(counts.sum())
+
+
 def _propagate(model, cache: DecoderCache, exited: list[tuple[Tensor, Tensor, int]], t: int) -> None:
     """Fill K/V of skipped layers at position t from each exited row's hidden state (CALM)."""
     width = model.decoder.config.n_embd
@@ -131,8 +190,10 @@ class CachedStepper:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model, self.rule, self.policy = model, rule, policy
-        self.cache = DecoderCache(model, features, max_len)
+        self.cache = DecoderCache(model, features, max_len, deferred=policy == "deferred")
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
+        self.catchup_layers = 0  # deferred: positions x layers caught up so far
+        self._maybe_waiting = False  # deferred: some position may still wait for deeper layers
 
     def select(self, index: Tensor) -> None:
         self.cache.select(index)
@@ -151,8 +212,24 @@ class CachedStepper:
         oracle = self.policy == "oracle"
         undecided = torch.ones(total, dtype=torch.bool, device=device) if oracle else None
         exited: list[tuple[Tensor, Tensor, int]] = []
+        depth = None  # deferred: [R, t] depth of earlier positions, when some still wait
+        if self.policy == "deferred" and self._maybe_waiting and t > 0:
+            depth = self.cache.depth[:, :t].clone()
+            self._maybe_waiting = bool((depth < num_layers).any())
+            depth = depth if self._maybe_waiting else None
         for index, block in enumerate(model.blocks):
-            hidden = _cached_layer(block, hidden, self.cache, index, rows, t)
+            waiting = None
+            if depth is not None:
+                # rows still running have run layers 0..index-1 in this step: every position that
+                # started this step at depth <= index is now waiting at layer `index`
+                waiting = (depth if rows is None else depth[rows]) <= index  # [r, t]
+                waiting = waiting if bool(waiting.any()) else None
+            if waiting is None:
+                hidden = _cached_layer(block, hidden, self.cache, index, rows, t)
+            else:
+                row_ids = torch.arange(total, device=device) if rows is None else rows
+                hidden, caught_up = _chunk_layer(block, hidden, self.cache, index, row_ids, t, waiting)
+                self.catchup_layers += caught_up
             layer = index + 1
             if layer == num_layers or rule is None or layer not in self.exit_of_layer:
                 continue
@@ -176,6 +253,10 @@ class CachedStepper:
             layers_out[stopped] = layer
             if self.policy == "propagate":
                 exited.append((stopped, hidden[stop], layer))
+            elif self.policy == "deferred":
+                self.cache.waiting[stopped, t] = hidden[stop]
+                self.cache.depth[stopped, t] = layer
+                self._maybe_waiting = True
             if count == hidden.shape[0]:
                 hidden = None
                 break
@@ -198,8 +279,9 @@ class CachedStepper:
 class UncachedStepper:
     """Reference: recompute the whole prefix each step through ``GPT2Block.forward``.
 
-    Positions that exited earlier keep their exit hidden state in deeper layers (so deeper K/V
-    come from it, as in state propagation); under ``oracle`` every position runs every layer.
+    Under ``propagate``, positions that exited earlier keep their exit hidden state in deeper
+    layers (so deeper K/V come from it); under ``oracle`` and ``deferred`` (whose cache is exact)
+    every position runs every layer.
     """
 
     def __init__(self, model, features: Tensor, rule: Optional[ExitRule], max_len: int, policy: str = "propagate") -> None:
@@ -208,6 +290,7 @@ class UncachedStepper:
         self.prefix = torch.zeros(rows, 0, dtype=torch.long, device=features.device)
         self.ran = torch.zeros(rows, 0, dtype=torch.long, device=features.device)  # layers run per position
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
+        self.catchup_layers = 0
 
     def select(self, index: Tensor) -> None:
         self.features, self.prefix, self.ran = self.features[index], self.prefix[index], self.ran[index]
@@ -287,7 +370,8 @@ def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_
     tokens_list = [row[mask].tolist() for row, mask in zip(out_tokens, valid)]
     layer_list = [row[mask].tolist() for row, mask in zip(out_layers, valid)]
     flat = out_layers[valid]
-    return DecodeResult(tokens_list, flat, _exit_positions(model, flat), layer_list, simulated=policy == "oracle")
+    return DecodeResult(tokens_list, flat, _exit_positions(model, flat), layer_list, simulated=policy == "oracle",
+                        catchup_layers=stepper.catchup_layers)
 
 
 @torch.inference_mode()
@@ -361,4 +445,5 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
                 finished[image].append((score / len(hypothesis) ** length_penalty, hypothesis))
     best = [max(hyps, key=lambda item: item[0])[1] if hyps else [] for hyps in finished]
     flat = torch.cat(all_layers) if all_layers else torch.zeros(0, dtype=torch.long)
-    return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == "oracle")
+    return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == "oracle",
+                        catchup_layers=stepper.catchup_layers)

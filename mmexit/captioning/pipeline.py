@@ -111,7 +111,7 @@ def _decode(model, features: torch.Tensor, rule, recipe: dict, batch_size: int, 
     """Decode features [N, P, d] in batches; merged DecodeResult."""
     evaluate = recipe["evaluate"]
     policy = policy or evaluate["policy"]
-    tokens, layers, exits, token_layers = [], [], [], []
+    tokens, layers, exits, token_layers, catchup = [], [], [], [], 0
     for start in range(0, features.shape[0], batch_size):
         batch = features[start:start + batch_size]
         if evaluate["decoding"] == "beam":
@@ -123,7 +123,9 @@ def _decode(model, features: torch.Tensor, rule, recipe: dict, batch_size: int, 
         token_layers += result.token_layers
         layers.append(result.layers)
         exits.append(result.exit_index)
-    return DecodeResult(tokens, torch.cat(layers), torch.cat(exits), token_layers, simulated=policy == "oracle")
+        catchup += result.catchup_layers
+    return DecodeResult(tokens, torch.cat(layers), torch.cat(exits), token_layers, simulated=policy == "oracle",
+                        catchup_layers=catchup)
 
 
 @torch.inference_mode()
@@ -140,6 +142,10 @@ def _row(method: str, rule_label: str, point, split: str, metrics: dict, result:
         "wall_speedup": None, "efficiency": None, "batch_size": batch_size,
         "exit_histogram": exit_histogram(result.exit_index, model.exits), "simulated": simulated,
     }
+    if result.catchup_layers:  # deferred compute: earlier positions' layers run later, in chunks
+        computed = int(result.layers.sum()) + result.catchup_layers
+        row["catchup_layers"] = result.catchup_layers
+        row["compute_speedup"] = model.num_layers * result.layers.numel() / max(computed, 1)
     row.update(extra)
     return row
 

@@ -107,8 +107,9 @@ CAPTIONING_SCHEMA = {
         "beam_size": Field((int,), default=3, check=_positive),
         "length_penalty": Field((float,), default=1.0),
         "max_len": Field((int,), default=20, check=_positive, doc="generated tokens at most (incl. eos)"),
-        "policy": Field((str,), default="propagate", choices=("propagate", "oracle"),
-                        doc="K/V of skipped layers: state propagation, or oracle (all layers run; simulated)"),
+        "policy": Field((str,), default="propagate", choices=("propagate", "deferred", "oracle"),
+                        doc="K/V of skipped layers: state propagation (CALM), deferred compute (FREE: caught up "
+                            "in a chunk when a later token goes deeper), or oracle (all layers run; simulated)"),
         "batch_size": Field((int,), default=16, check=_positive, doc="batch size of sweeps and quality runs"),
         "rules": ListOf(Component("rule", reserved={
             "sweep": Field((list,), nullable=True, default=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmexit.captioning.decoding import beam_decode, greedy_decode
+from mmexit.captioning.decoding import CachedStepper, beam_decode, greedy_decode
 from mmexit.exits.base import ExitRule
 from mmexit.exits.confidence import MaxProbRule, NeverExitRule
 from mmexit.exits.saturation import SaturationRule
@@ -35,7 +35,7 @@ def test_never_exit_equals_full_greedy_and_hf_generate(tiny_captioner, tiny_feat
 
 @pytest.mark.parametrize("rule", [MaxProbRule(0.3), MaxProbRule(0.5), SaturationRule(0.9), NeverExitRule()],
                          ids=["maxprob0.3", "maxprob0.5", "saturation", "never"])
-@pytest.mark.parametrize("policy", ["propagate", "oracle"])
+@pytest.mark.parametrize("policy", ["propagate", "deferred", "oracle"])
 def test_cached_equals_uncached(tiny_captioner, tiny_features, rule, policy):
     cached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy)
     uncached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy, cached=False)
@@ -117,3 +117,65 @@ def test_subset_exits_and_exit_heads(make_spec, exit_head):
     uncached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS, cached=False)
     assert cached.tokens == uncached.tokens
     assert set(cached.layers.tolist()) <= {2, 3, 4}
+
+
+class _EveryOther(ExitRule):
+    """At the first exit, stops the rows whose (row id + token count) is even; the others run deep."""
+
+    name = "every_other"
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.tokens = 0
+
+    def start(self, rows, device):
+        self.tokens += 1
+        return {"row": torch.arange(rows, device=device)}
+
+    def decide(self, view, state):
+        if view.exit_index != 0:
+            return torch.zeros(view.logits.shape[0], dtype=torch.bool)
+        return (state["row"] + self.tokens) % 2 == 0
+
+
+def test_deferred_catches_up_to_the_exact_cache(tiny_captioner, tiny_features):
+    """Deferred compute writes the K/V the full model would: equal to the oracle's cache, position by position."""
+    model, rows, steps = tiny_captioner, tiny_features.shape[0], 7
+    torch.manual_seed(5)
+    teacher = torch.randint(3, 30, (steps, rows))
+    with torch.inference_mode():
+        deferred = CachedStepper(model, tiny_features, _EveryOther(), steps, policy="deferred")
+        oracle = CachedStepper(model, tiny_features, _EveryOther(), steps, policy="oracle")
+        for t in range(steps):
+            logits_d, layers_d = deferred.step(teacher[t], t)
+            logits_o, layers_o = oracle.step(teacher[t], t)
+            assert torch.equal(layers_d, layers_o)
+            assert torch.allclose(logits_d, logits_o, atol=1e-5)
+    assert deferred.catchup_layers > 0
+    depth = deferred.cache.depth
+    assert int(depth.min()) == 1 and int(depth.max()) == model.num_layers  # the last shallow tokens still wait
+    for layer in range(model.num_layers):
+        done = depth > layer  # [rows, steps] positions whose K/V at this layer are written
+        for store_d, store_o in ((deferred.cache.keys, oracle.cache.keys), (deferred.cache.values, oracle.cache.values)):
+            got, want = store_d[layer].transpose(1, 2)[done], store_o[layer].transpose(1, 2)[done]
+            assert torch.allclose(got, want, atol=1e-5), layer
+
+
+@pytest.mark.parametrize("rule", [_EveryOther, lambda: MaxProbRule(0.5), lambda: SaturationRule(0.9)],
+                         ids=["every_other", "maxprob0.5", "saturation"])
+def test_deferred_equals_oracle_tokens_batched_and_beam(tiny_captioner, tiny_features, rule):
+    deferred = greedy_decode(tiny_captioner, tiny_features, rule(), MAX_LEN, BOS, EOS, policy="deferred")
+    oracle = greedy_decode(tiny_captioner, tiny_features, rule(), MAX_LEN, BOS, EOS, policy="oracle")
+    assert deferred.tokens == oracle.tokens
+    assert deferred.token_layers == oracle.token_layers
+    assert not deferred.simulated and oracle.simulated
+    if rule is not _EveryOther:  # its decisions depend on the row's place in the batch
+        single = [greedy_decode(tiny_captioner, tiny_features[i:i + 1], rule(), MAX_LEN, BOS, EOS, policy="deferred")
+                  for i in range(tiny_features.shape[0])]
+        assert deferred.tokens == [s.tokens[0] for s in single]
+        assert deferred.catchup_layers == sum(s.catchup_layers for s in single)
+    else:
+        assert deferred.catchup_layers > 0
+    beam_deferred = beam_decode(tiny_captioner, tiny_features, rule(), 3, MAX_LEN, BOS, EOS, policy="deferred")
+    beam_oracle = beam_decode(tiny_captioner, tiny_features, rule(), 3, MAX_LEN, BOS, EOS, policy="oracle")
+    assert beam_deferred.tokens == beam_oracle.tokens

@@ -92,3 +92,13 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     # evaluate again from the saved model and calibration, without training
     again = run_captioning(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"])), Accelerator(cpu=True), out)
     assert [r["rule"] for r in again] == [r["rule"] for r in rows]
+    # deferred compute: exact cache, so each swept point scores as its oracle twin, with real costs
+    deferred = run_captioning(dict(recipe, run=dict(recipe["run"], stages=["evaluate"]),
+                                   evaluate=dict(recipe["evaluate"], policy="deferred", oracle_sweep=True)),
+                              Accelerator(cpu=True), out)
+    sweep = [r for r in deferred if r["split"] == "calib" and r["method"] != "full"]
+    real, oracle = sweep[0::2], sweep[1::2]
+    assert all(r["method"] + " (oracle)" == o["method"] for r, o in zip(real, oracle))
+    assert all(not r["simulated"] and o["simulated"] for r, o in zip(real, oracle))
+    assert [r["metrics"] for r in real] == [o["metrics"] for o in oracle]
+    assert any(r.get("catchup_layers", 0) > 0 for r in real)
