@@ -193,6 +193,8 @@ class CachedStepper:
         self.cache = DecoderCache(model, features, max_len, deferred=policy == "deferred")
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
         self.catchup_layers = 0  # deferred: positions x layers caught up so far
+        self.needs_logits = rule is None or rule.needs_logits
+        self.vocab_size = model.decoder.config.vocab_size
         self._maybe_waiting = False  # deferred: some position may still wait for deeper layers
 
     def select(self, index: Tensor) -> None:
@@ -234,13 +236,13 @@ class CachedStepper:
             if layer == num_layers or rule is None or layer not in self.exit_of_layer:
                 continue
             exit_index = self.exit_of_layer[layer]
-            logits = model.exit_logits(hidden, exit_index)
+            logits = model.exit_logits(hidden, exit_index) if self.needs_logits else None
             stop = rule.decide(ExitView(logits, exit_index, num_exits, hidden), state)
             if logits_out is None:
-                logits_out = logits.new_empty(total, logits.shape[-1])
+                logits_out = hidden.new_empty(total, self.vocab_size)
             if oracle:  # every row keeps running; record where the rule fired first
                 newly = stop & undecided
-                logits_out[newly] = logits[newly]
+                logits_out[newly] = logits[newly] if logits is not None else model.exit_logits(hidden[newly], exit_index)
                 layers_out[newly] = layer
                 undecided &= ~stop
                 continue
@@ -249,7 +251,7 @@ class CachedStepper:
                 continue
             current = torch.arange(total, device=device) if rows is None else rows
             stopped = current[stop]
-            logits_out[stopped] = logits[stop]
+            logits_out[stopped] = logits[stop] if logits is not None else model.exit_logits(hidden[stop], exit_index)
             layers_out[stopped] = layer
             if self.policy == "propagate":
                 exited.append((stopped, hidden[stop], layer))

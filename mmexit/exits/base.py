@@ -26,17 +26,26 @@ RuleState = dict[str, Tensor]
 class ExitView:
     """What a rule may read at one exit, for the rows still active.
 
-    logits: [rows, classes] (or [rows, vocab] for captioning), raw, before any temperature.
+    logits: [rows, classes] (or [rows, vocab] for captioning), raw, before any temperature;
+        None only for rules with ``needs_logits = False``.
     hidden: [rows, hidden] the representation the exit head read (CLS/pooled or current token),
         or None when the caller does not provide it.
     exit_index: 0-based position of this exit in the model's exit list.
     num_exits: how many exits the model has (the last one is ``num_exits - 1``).
     """
 
-    logits: Tensor
+    logits: Optional[Tensor]
     exit_index: int
     num_exits: int
     hidden: Optional[Tensor] = None
+
+    @property
+    def num_rows(self) -> int:
+        return (self.logits if self.logits is not None else self.hidden).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return (self.logits if self.logits is not None else self.hidden).device
 
 
 class ExitRule:
@@ -51,6 +60,9 @@ class ExitRule:
     needs_calibration: bool = False
     #: True for rules that read ``ExitView.hidden``.
     needs_hidden: bool = False
+    #: False for rules that never read ``ExitView.logits``: the caption decoder then computes an
+    #: exit's logits (norm + LM head over the vocabulary) only for the rows that stop there.
+    needs_logits: bool = True
 
     def __init__(self, threshold: float = 0.0) -> None:
         self.threshold = float(threshold)

@@ -71,7 +71,7 @@ class NeverExitRule(ExitRule):
     name = "never"
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
-        return torch.zeros(view.logits.shape[0], dtype=torch.bool, device=view.logits.device)
+        return torch.zeros(view.num_rows, dtype=torch.bool, device=view.device)
 
     def describe(self) -> str:
         return "never"
@@ -84,4 +84,4 @@ class FixedExitRule(ExitRule):
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
         stop = view.exit_index >= int(self.threshold)
-        return torch.full((view.logits.shape[0],), stop, dtype=torch.bool, device=view.logits.device)
+        return torch.full((view.num_rows,), stop, dtype=torch.bool, device=view.device)

@@ -3,8 +3,9 @@
 At exit i (i >= 1) the rule compares the hidden state the exit read with the one the previous
 exit read, ``cos(h_i, h_{i-1})``, and stops the row when it is >= ``threshold``. The first exit
 has nothing to compare with and never stops (so with exits after every layer the earliest
-possible stop is layer 2). No calibration; no logits are read, but the inference loop still
-computes them for the exit's token.
+possible stop is layer 2). No calibration; no logits are read (``needs_logits = False``), so the
+caption decoder computes an exit's logits only for the rows that stop there: with a 50k-token
+vocabulary an exit head costs several decoder layers.
 
 Reads ``ExitView.hidden`` ([rows, hidden]); it raises when the caller provides none.
 """
@@ -23,6 +24,7 @@ class SaturationRule(ExitRule):
 
     name = "saturation"
     needs_hidden = True
+    needs_logits = False
 
     def __init__(self, threshold: float = 0.95) -> None:
         super().__init__(threshold)
@@ -33,7 +35,7 @@ class SaturationRule(ExitRule):
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
         if view.hidden is None:
             raise ValueError("rule saturation reads hidden states: the caller must pass ExitView.hidden")
-        hidden = view.hidden.float()
+        hidden = view.hidden.float()  # [rows, hidden]
         previous = state.get("previous")
         state["previous"] = hidden
         if previous is None or previous.shape[0] != hidden.shape[0]:

@@ -179,3 +179,21 @@ def test_deferred_equals_oracle_tokens_batched_and_beam(tiny_captioner, tiny_fea
     beam_deferred = beam_decode(tiny_captioner, tiny_features, rule(), 3, MAX_LEN, BOS, EOS, policy="deferred")
     beam_oracle = beam_decode(tiny_captioner, tiny_features, rule(), 3, MAX_LEN, BOS, EOS, policy="oracle")
     assert beam_deferred.tokens == beam_oracle.tokens
+
+
+def test_rules_without_logits_ask_the_lm_head_only_where_rows_stop(tiny_captioner, tiny_features, monkeypatch):
+    """Saturation reads no logits: each generated token costs one exit-head call on its own row."""
+    rows_seen = []
+    original = tiny_captioner.exit_logits
+
+    def counting(hidden, exit_index):
+        rows_seen.append(hidden.shape[0])
+        return original(hidden, exit_index)
+
+    monkeypatch.setattr(tiny_captioner, "exit_logits", counting)
+    result = greedy_decode(tiny_captioner, tiny_features, SaturationRule(0.5), MAX_LEN, BOS, EOS)
+    assert int(result.layers.min()) < tiny_captioner.num_layers
+    assert sum(rows_seen) == result.layers.numel()
+    rows_seen.clear()
+    greedy_decode(tiny_captioner, tiny_features, MaxProbRule(0.5), MAX_LEN, BOS, EOS)
+    assert sum(rows_seen) > result.layers.numel()  # confidence rules ask every exit on the way

@@ -22,7 +22,7 @@ def test_recipe_validates(path):
 
 def test_bad_keys_fail_clearly():
     path = REPO / "recipes" / "caption_quickstart.yaml"
-    with pytest.raises(RecipeError, match=r"evaluate.policy: 'deferd' is not allowed.*allowed: propagate, oracle"):
+    with pytest.raises(RecipeError, match=r"evaluate.policy: 'deferd' is not allowed \(did you mean 'deferred'\?\); allowed: propagate, deferred, oracle"):
         validate_recipe(load_recipe(path, ["evaluate.policy=deferd"]))
     with pytest.raises(RecipeError, match=r"model.exit_hed: unknown key \(did you mean 'exit_head'\?\)"):
         validate_recipe(load_recipe(path, ["model.exit_hed=norm"]))
