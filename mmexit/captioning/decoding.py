@@ -49,7 +49,9 @@ class DecodeResult:
     exit_index: [row_steps] index of the exit each row-step stopped at;
     token_layers: per input row, layers run for each generated token (greedy only);
     catchup_layers: layer computations of earlier positions caught up under ``deferred``
-    (position x layer; 0 under the other policies).
+    (position x layer; 0 under the other policies);
+    step_layers: per decoding step of a batch, the layers its deepest row ran: the number of
+    layer calls, which sets the step's time when a call costs the same for 1 or 16 rows.
     """
 
     tokens: list[list[int]]
@@ -58,6 +60,7 @@ class DecodeResult:
     token_layers: list[list[int]] = field(default_factory=list)
     simulated: bool = False
     catchup_layers: int = 0
+    step_layers: list[int] = field(default_factory=list)
 
 
 class DecoderCache:
@@ -355,11 +358,13 @@ def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_
     out_layers = torch.zeros(batch, max_len, dtype=torch.long)
     alive = torch.arange(batch)
     tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
+    step_layers = []
     for t in range(max_len):
         logits, layers = stepper.step(tokens, t)
         next_tokens = logits.argmax(-1)
         out_tokens[alive, t] = next_tokens.cpu()
-        out_layers[alive, t] = layers.cpu()
+        out_layers[alive, t] = layers = layers.cpu()
+        step_layers.append(int(layers.max()))
         done = next_tokens == eos_id
         if bool(done.any()):
             keep = ~done
@@ -373,7 +378,7 @@ def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_
     layer_list = [row[mask].tolist() for row, mask in zip(out_layers, valid)]
     flat = out_layers[valid]
     return DecodeResult(tokens_list, flat, _exit_positions(model, flat), layer_list, simulated=policy == "oracle",
-                        catchup_layers=stepper.catchup_layers)
+                        catchup_layers=stepper.catchup_layers, step_layers=step_layers)
 
 
 @torch.inference_mode()
@@ -396,10 +401,11 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
     images = list(range(batch))  # images alive, in cache order (k rows each)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     tokens = torch.full((batch * k,), bos_id, dtype=torch.long, device=device)
-    all_layers = []
+    all_layers, step_layers = [], []
     for t in range(max_len):
         logits, layers = stepper.step(tokens, t)
         all_layers.append(layers.cpu())
+        step_layers.append(int(all_layers[-1].max()))
         n = len(images)
         log_probs = logits.float().log_softmax(-1)
         vocab = log_probs.shape[-1]
@@ -448,4 +454,4 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
     best = [max(hyps, key=lambda item: item[0])[1] if hyps else [] for hyps in finished]
     flat = torch.cat(all_layers) if all_layers else torch.zeros(0, dtype=torch.long)
     return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == "oracle",
-                        catchup_layers=stepper.catchup_layers)
+                        catchup_layers=stepper.catchup_layers, step_layers=step_layers)

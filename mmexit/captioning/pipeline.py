@@ -111,7 +111,7 @@ def _decode(model, features: torch.Tensor, rule, recipe: dict, batch_size: int, 
     """Decode features [N, P, d] in batches; merged DecodeResult."""
     evaluate = recipe["evaluate"]
     policy = policy or evaluate["policy"]
-    tokens, layers, exits, token_layers, catchup = [], [], [], [], 0
+    tokens, layers, exits, token_layers, catchup, step_layers = [], [], [], [], 0, []
     for start in range(0, features.shape[0], batch_size):
         batch = features[start:start + batch_size]
         if evaluate["decoding"] == "beam":
@@ -124,8 +124,9 @@ def _decode(model, features: torch.Tensor, rule, recipe: dict, batch_size: int, 
         layers.append(result.layers)
         exits.append(result.exit_index)
         catchup += result.catchup_layers
+        step_layers += result.step_layers
     return DecodeResult(tokens, torch.cat(layers), torch.cat(exits), token_layers, simulated=policy == "oracle",
-                        catchup_layers=catchup)
+                        catchup_layers=catchup, step_layers=step_layers)
 
 
 @torch.inference_mode()
@@ -142,6 +143,8 @@ def _row(method: str, rule_label: str, point, split: str, metrics: dict, result:
         "wall_speedup": None, "efficiency": None, "batch_size": batch_size,
         "exit_histogram": exit_histogram(result.exit_index, model.exits), "simulated": simulated,
     }
+    if result.step_layers:  # layer calls: a batch's step costs its deepest row's layers when calls are row-bound
+        row["call_speedup"] = model.num_layers * len(result.step_layers) / max(sum(result.step_layers), 1)
     if result.catchup_layers:  # deferred compute: earlier positions' layers run later, in chunks
         computed = int(result.layers.sum()) + result.catchup_layers
         row["catchup_layers"] = result.catchup_layers
@@ -314,7 +317,8 @@ def evaluate(recipe: dict, model, tokenizer, rules, splits, output_dir: Path, de
             wall = (info["full"] / info["full_tokens"]) / (info[key] / info[f"{key}_tokens"])
             row = _row(rule.name, rule.describe(), rule.threshold, "test", scores, result, model, batch_size, False,
                        wall_speedup=wall, efficiency=efficiency(wall, info[f"{key}_layer_speedup"]),
-                       timed_layer_speedup=info[f"{key}_layer_speedup"], time_full_s=info["full"],
+                       timed_layer_speedup=info[f"{key}_layer_speedup"], call_speedup=info[f"{key}_call_speedup"],
+                       call_efficiency=wall / info[f"{key}_call_speedup"], time_full_s=info["full"],
                        time_exit_s=info[key], encoder_ms=info["encoder_ms"], timed_images=info["images"],
                        timed_tokens_full=info["full_tokens"], timed_tokens_exit=info[f"{key}_tokens"],
                        wall_speedup_total=info["full"] / info[key])
@@ -344,6 +348,7 @@ def _time_points(recipe: dict, model, tokenizer, images: torch.Tensor, rules: li
             candidates[f"exit{position}"] = (lambda r=rule: _decode(model, features, r, recipe, batch_size, tokenizer))
             result = candidates[f"exit{position}"]()
             info[f"exit{position}_layer_speedup"] = layer_speedup(result.layers, model.num_layers)
+            info[f"exit{position}_call_speedup"] = model.num_layers * len(result.step_layers) / sum(result.step_layers)
             info[f"exit{position}_tokens"] = int(result.layers.numel())
         info.update(time_alternating(candidates, evaluate_cfg["timing_repeats"], warmup=1))
         out[batch_size] = info
