@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from mmexit.captioning.decoding import greedy_decode  # noqa: E402
 from mmexit.captioning.model import build_captioner, load_captioner  # noqa: E402
+from mmexit.evaluation.speed import layer_speedup  # noqa: E402
 from mmexit.evaluation.timing import machine_info, time_alternating  # noqa: E402
 from mmexit.exits.base import ExitRule  # noqa: E402
 from mmexit.exits.confidence import FixedExitRule, NeverExitRule  # noqa: E402
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         times = time_alternating(candidates, args.repeats, warmup=1)
         for name, (make_rule, policy) in rules.items():
             layers, catchup = decode(make_rule, policy)
-            layer_x = model.num_layers * layers.numel() / float(layers.sum())
+            layer_x = layer_speedup(layers, model.num_layers)
             compute_x = model.num_layers * layers.numel() / float(layers.sum() + catchup)
             wall = times["full"] / times[name]
             print(f"| {batch} | {name} | {layer_x:.2f} | {compute_x:.2f} | {wall:.2f} | {wall / layer_x:.2f} |")

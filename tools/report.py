@@ -155,6 +155,7 @@ def _x(value: float | None) -> str:
 def render(runs: list[dict]) -> str:
     """The Markdown report."""
     table, full, tasks = summarise(runs)
+    methods = [name for name in sorted(table) if not name.startswith("static")]
     backbones = sorted({run["backbone"] for run in runs})
     machine = runs[0]["machine"] if runs else {}
     lines = [
@@ -174,9 +175,7 @@ def render(runs: list[dict]) -> str:
         "| method | " + " | ".join(f"{task} own full | {task} @1.5x sim. | {task} @2x sim. | {task} @3x sim." for task in tasks) + " |",
         "|---|" + "---|" * (len(tasks) * (len(TARGETS) + 1)),
     ]
-    for name in sorted(table):
-        if name.startswith("static"):
-            continue
+    for name in methods:
         cells = []
         for task in tasks:
             cell = table[name].get(task)
@@ -205,9 +204,7 @@ def render(runs: list[dict]) -> str:
         "| full model (joint training's last exit) | " + " | ".join(f"{_pct(full.get(task))} / 1.00x" for task in tasks) + " |",
     ]
     warnings = []
-    for name in sorted(table):
-        if name.startswith("static"):
-            continue
+    for name in methods:
         cells = []
         for task in tasks:
             cell = table[name].get(task)

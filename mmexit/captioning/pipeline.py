@@ -144,7 +144,7 @@ def _row(method: str, rule_label: str, point, split: str, metrics: dict, result:
         "exit_histogram": exit_histogram(result.exit_index, model.exits), "simulated": simulated,
     }
     if result.step_layers:  # layer calls: a batch's step costs its deepest row's layers when calls are row-bound
-        row["call_speedup"] = model.num_layers * len(result.step_layers) / max(sum(result.step_layers), 1)
+        row["call_speedup"] = layer_speedup(torch.tensor(result.step_layers), model.num_layers)
     if result.catchup_layers:  # deferred compute: earlier positions' layers run later, in chunks
         computed = int(result.layers.sum()) + result.catchup_layers
         row["catchup_layers"] = result.catchup_layers
@@ -348,7 +348,7 @@ def _time_points(recipe: dict, model, tokenizer, images: torch.Tensor, rules: li
             candidates[f"exit{position}"] = (lambda r=rule: _decode(model, features, r, recipe, batch_size, tokenizer))
             result = candidates[f"exit{position}"]()
             info[f"exit{position}_layer_speedup"] = layer_speedup(result.layers, model.num_layers)
-            info[f"exit{position}_call_speedup"] = model.num_layers * len(result.step_layers) / sum(result.step_layers)
+            info[f"exit{position}_call_speedup"] = layer_speedup(torch.tensor(result.step_layers), model.num_layers)
             info[f"exit{position}_tokens"] = int(result.layers.numel())
         info.update(time_alternating(candidates, evaluate_cfg["timing_repeats"], warmup=1))
         out[batch_size] = info
