@@ -1,7 +1,9 @@
-"""The entry point: recipe -> validated config -> accelerate -> the task's stages -> results.
+"""The entry point: ``mmexit run | predict | serve``.
 
-``accelerate launch tools/run.py RECIPE [key=value ...]`` or ``python tools/run.py ...`` or the
-``mmexit`` console script. A user error (bad recipe, missing file, malformed row) prints one line
+``mmexit run RECIPE [key=value ...]`` (also ``mmexit RECIPE.yaml ...``, ``accelerate launch
+tools/run.py RECIPE ...``): recipe -> validated config -> accelerate -> the task's stages ->
+results. ``mmexit predict RUN_DIR ...``: a trained run on new inputs (``mmexit.serve.predict_cli``).
+``mmexit serve RUN_DIR``: the HTTP server. A user error (bad recipe, missing file, malformed row) prints one line
 and exits with status 2, and nothing in an existing output folder is overwritten: all inputs are
 checked before the first write, and writes go through temporary files and renames.
 """
@@ -18,7 +20,8 @@ from typing import Optional
 
 from mmexit.errors import MMExitError, RecipeError
 
-RESULT_FILES = ("results.json", "rows.json", "model/mmexit_model.json", "calibration.json")
+RESULT_FILES = ("results.json", "rows.json", "model/mmexit_model.json", "model/captioner.json",
+                "model/model.safetensors", "calibration.json")
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -68,40 +71,46 @@ def set_cpu_threads(requested: Optional[int], accelerator) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
 
 
-def save_resolved_recipe(recipe: dict, output_dir: Path) -> None:
-    """Write the validated recipe with every default filled in, as ``recipe.yaml``."""
-    from mmexit.config import save_recipe
-
-    save_recipe(recipe, output_dir / "recipe.yaml")
-
-
 def run_recipe(path: str, overrides: list[str]) -> list[dict]:
-    """Load, validate and run a recipe; returns the result rows."""
+    """Load, validate and run a recipe; returns the result rows.
+
+    Everything that can fail on bad input (recipe, data, rules, model) is checked before the
+    first write into the output folder.
+    """
+    from mmexit.recipe.loading import load_recipe
+    from mmexit.recipe.tasks import validate_recipe
+
+    return run_validated(validate_recipe(load_recipe(path, overrides)))
+
+
+def run_validated(recipe: dict) -> list[dict]:
+    """Run a validated recipe (see ``run_recipe``); returns the result rows."""
     from accelerate.utils import set_seed
 
-    from mmexit.config import load_recipe, validate_recipe
+    from mmexit.recipe.loading import save_recipe
+    from mmexit.recipe.tasks import task_for
+    from mmexit.stages import run_stages
+    from mmexit.tasks.base import Run
 
-    recipe = validate_recipe(load_recipe(path, overrides))
     output_dir = Path(recipe["run"]["output_dir"])
     check_output_dir(output_dir, recipe["run"]["overwrite"])
     set_seed(recipe["run"]["seed"])
     accelerator = make_accelerator(recipe, output_dir)
     set_cpu_threads(recipe["run"]["num_threads"], accelerator)
-    if recipe["task"] == "captioning":
-        from mmexit.captioning.pipeline import run_captioning
-
-        return run_captioning(recipe, accelerator, output_dir)
-    from mmexit.text_pipeline import prepare_text_run, run_text
-
-    run = prepare_text_run(recipe, accelerator, output_dir)  # data checked before any write
+    task = task_for(recipe["task"])
+    run = Run(recipe, task, output_dir, accelerator)
+    run.data = task.load_data(recipe)
+    task.check_rules(recipe, run.data)
+    model, run.processor = task.build_model(run)
+    run.model = model.to(accelerator.device)
     if accelerator.is_main_process:
-        save_resolved_recipe(recipe, output_dir)
+        save_recipe(recipe, output_dir / "recipe.yaml")
     if accelerator.trackers == [] and recipe["run"]["log_with"] != "none":
         try:
             accelerator.init_trackers(recipe["run"]["name"])
         except Exception:  # a tracker that fails must not stop the run
             pass
-    rows = run_text(run)
+    rows = run_stages(run)
     accelerator.end_training()
     return rows
 
@@ -123,10 +132,13 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="mmexit: %(levelname)s: %(message)s")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """CLI: ``run.py RECIPE [key=value ...]``. Exit 0 on success, 2 on a user error."""
+COMMANDS = ("run", "predict", "serve")
+
+
+def run_main(argv: list[str]) -> int:
+    """``mmexit run RECIPE [key=value ...]``."""
     parser = argparse.ArgumentParser(
-        prog="mmexit", description="Train, calibrate, evaluate and report an early-exit model from a YAML recipe.")
+        prog="mmexit run", description="Train, calibrate, evaluate and report an early-exit model from a YAML recipe.")
     parser.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1 run.output_dir=out")
     args = parser.parse_args(argv)
@@ -140,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("mmexit: interrupted", file=sys.stderr)
         return 130
     if rows:
-        from mmexit.config import load_recipe
+        from mmexit.recipe.loading import load_recipe
 
         output_dir = Path(load_recipe(args.recipe, args.overrides)["run"]["output_dir"])
         table = output_dir / "results.md"
@@ -148,6 +160,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(table.read_text())
             print(f"mmexit: results in {output_dir}/ (results.json, results.md, speed_accuracy.png)")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mmexit {run,predict,serve} ...``; ``mmexit RECIPE.yaml ...`` is ``mmexit run``. Exit 0, or 2 on a user error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        from mmexit.serve.predict_cli import predict_main
+
+        quiet_libraries()
+        return predict_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from mmexit.serve.serve_cli import serve_main
+
+        quiet_libraries()
+        return serve_main(argv[1:])
+    if argv and argv[0] == "run":
+        return run_main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mmexit {run,predict,serve} ...\n"
+              "  mmexit run RECIPE.yaml [key=value ...]   train, calibrate, evaluate, report (also: mmexit RECIPE.yaml)\n"
+              "  mmexit predict RUN_DIR --text TEXT | --input FILE   a trained run on new inputs, JSON lines out\n"
+              "  mmexit serve RUN_DIR [--host 127.0.0.1] [--port 8000]   serve a trained run over HTTP")
+        return 0 if argv else 2
+    return run_main(argv)
 
 
 if __name__ == "__main__":

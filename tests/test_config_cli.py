@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmexit_testing import REPO
-from mmexit.config import load_recipe, validate_recipe
+from mmexit.recipe import load_recipe, validate_recipe
 from mmexit.errors import RecipeError
 from mmexit.runner import main
 
@@ -49,7 +49,7 @@ def glue_dir(tmp_path: Path) -> Path:
         ("evaluate.rules=[{name: maxprob, treshold: 0.9}]", "evaluate.rules[0].treshold: unknown argument of rule 'maxprob' (did you mean 'threshold'?)"),
         ("evaluate.rules=[{name: maxprob, threshold: high}]", "evaluate.rules[0].threshold: expected float, got str 'high'"),
         ("data.path=/no/such/folder", "data.path: file or folder does not exist: /no/such/folder"),
-        ("train.loss={name: joint, weights: 3}", "train.loss.weights: expected str, got int 3"),
+        ("train.loss={name: joint, weights: 3}", "train.loss.weights: expected str | list, got int 3"),
         ("data.task=sst3", "data.task: 'sst3' is not allowed (did you mean 'sst2'?)"),
     ],
 )

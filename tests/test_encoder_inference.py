@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmexit_testing import random_batch, tiny_model
-from mmexit.exits.base import simulate_exits
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.confidence import EntropyRule, FixedExitRule, MaxProbRule, NeverExitRule
 from mmexit.exits.patience import PatienceRule
 from mmexit.inference.encoder import early_exit_forward

@@ -7,7 +7,8 @@ import math
 import torch
 
 from mmexit_testing import random_batch, tiny_model
-from mmexit.exits.base import ExitView, simulate_exits
+from mmexit.exits.base import ExitView
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.confidence import EntropyRule, MaxProbRule
 from mmexit.exits.patience import PatienceRule
 from mmexit.training.base import depth_weights

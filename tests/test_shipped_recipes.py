@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit_testing import REPO, SHARED_GLUE, random_batch
-from mmexit.config import build_component, load_recipe, validate_recipe
+from mmexit.recipe import build_component, load_recipe, validate_recipe
 from mmexit.inference.encoder import early_exit_forward
 from mmexit.models.encoder import MultiExitEncoder
 from mmexit.models.loading import tiny_backbone
@@ -56,7 +57,7 @@ def test_recipe_validates_and_builds(recipe_path):
         rule = build_component(spec, "rule", reserved=("sweep", "calibration"))
         if spec.get("calibration"):
             calibration = build_component(spec["calibration"], "calibration")
-            calibration.fit(rule, calib_logits, torch.randint(0, 2, (64,)), model.exit_layers)
+            calibration.fit(rule, ExitStatistics.from_logits(calib_logits, torch.randint(0, 2, (64,)), model.exit_layers))
         for threshold in (spec.get("sweep") or rule.default_sweep())[:3]:
             with torch.inference_mode():
                 out = early_exit_forward(model, rule.with_threshold(threshold), ids, mask)

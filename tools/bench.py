@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmexit.config import load_recipe, validate_recipe  # noqa: E402
+from mmexit.recipe.loading import load_recipe  # noqa: E402
+from mmexit.recipe.tasks import task_for, validate_recipe  # noqa: E402
 from mmexit.errors import MMExitError  # noqa: E402
 from mmexit.evaluation import text_eval  # noqa: E402
 from mmexit.evaluation.results import markdown_table  # noqa: E402
+from mmexit.evaluation.rows import ResultRow  # noqa: E402
 from mmexit.evaluation.timing import machine_info  # noqa: E402
 from mmexit.exits.confidence import NeverExitRule  # noqa: E402
 
@@ -42,38 +44,50 @@ def selected_points(output_dir: Path) -> dict[str, float]:
 
 def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | None,
           batch_sizes: list[int], samples: int | None = None, repeats: int | None = None) -> int:
+    from accelerate import Accelerator
+
+    from mmexit.models.encoder import CONFIG_NAME
     from mmexit.runner import quiet_libraries
-    from mmexit.text_pipeline import TextRun, build_rules, load_calibration, prepare_text_run
+    from mmexit.stages import build_rules, load_calibration
+    from mmexit.tasks.base import Run
 
     quiet_libraries()
     samples = samples or (64 if quick else None)
     repeats = repeats or (3 if quick else 7)
     recipe = validate_recipe(load_recipe(recipe_path, overrides))
+    if recipe["task"] != "text_classification":
+        print("bench: error: tools/bench.py times text classifiers; use tools/bench_caption.py for captioning",
+              file=sys.stderr)
+        return 2
     output_dir = Path(recipe["run"]["output_dir"])
     if model_dir:
         recipe["model"]["init_from"] = model_dir
-    recipe["run"]["stages"] = ["evaluate"]
-    from accelerate import Accelerator
-
-    run: TextRun = prepare_text_run(recipe, Accelerator(cpu=not torch.cuda.is_available()), output_dir)
+    trained = bool(recipe["model"]["init_from"]) or (output_dir / "model" / CONFIG_NAME).exists()
+    # an untrained model is timed with fresh exit heads (speed only): build it as for training
+    recipe["run"]["stages"] = ["evaluate"] if trained else ["train"]
+    task = task_for("text_classification")
+    run = Run(recipe, task, output_dir, Accelerator(cpu=not torch.cuda.is_available()))
+    run.data = task.load_data(recipe)
+    run.model, run.processor = task.build_model(run)
     run.model.eval()
-    trained = recipe["model"]["init_from"] or (output_dir / "model" / "mmexit_model.json").exists()
-    rules = build_rules(run)
+    rules = build_rules(recipe)
     try:
-        load_calibration(run, rules)
+        load_calibration(output_dir if trained else Path(model_dir or output_dir), rules)
     except MMExitError as error:
         print(f"bench: {error}; skipping rules that need it", file=sys.stderr)
         rules = [(spec, rule) for spec, rule in rules if not rule.needs_calibration]
     points = selected_points(output_dir)
     split = recipe["evaluate"]["split"]
-    examples = run.task.splits[split][:samples] if samples else run.task.splits[split]
-    run.task.splits[split] = examples
-    eval_batches = text_eval_batches(run, split, 32)
+    data = run.data
+    examples = data.splits[split][:samples] if samples else data.splits[split]
+    data.splits[split] = examples
+    eval_batches = task.split_batches(run, split, 32)
     outputs = text_eval.collect_exit_outputs(run.model, eval_batches)
-    task = run.task
-    timing = {size: text_eval_batches(run, split, size) for size in batch_sizes}
-    rows = text_eval.full_model_rows(split, text_eval.score(task.metrics, outputs.logits[-1], outputs.labels),
-                                     task.primary_metric, run.model.num_layers, len(examples), batch_sizes)
+    timing = {size: task.split_batches(run, split, size) for size in batch_sizes}
+    full = text_eval.score(data.metrics, outputs.logits[-1], outputs.labels)
+    rows = [ResultRow("full", "full", None, split, full, data.primary_metric, 1.0,
+                      {str(run.model.num_layers): len(examples)}, False, 1.0, 1.0, size).to_dict()
+            for size in batch_sizes]
     problems = []
     never_logits, _ = text_eval.run_early_exit(run.model, NeverExitRule(), eval_batches)
     if not torch.equal(never_logits.argmax(-1), outputs.logits[-1].argmax(-1)):
@@ -82,12 +96,12 @@ def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | 
         point = rule.with_threshold(points.get(rule.name, rule.threshold))
         measured, _, exit_index = text_eval.measured_rows(
             run.model, point, f"bench+{rule.name}", split, eval_batches, timing, outputs.labels,
-            task.metrics, task.primary_metric, repeats)
-        _, _, simulated = text_eval.simulated_point(point, outputs, run.model.exit_layers, task.metrics)
+            data.metrics, data.primary_metric, repeats)
+        _, _, simulated = text_eval.simulated_point(point, outputs, run.model.exit_layers, data.metrics)
         if not torch.equal(exit_index, simulated):
             problems.append(f"{point.describe()}: measured exits differ from simulated ones")
         rows += measured
-    title = f"bench: {recipe['model']['backbone']} on {task.name}, {len(examples)} samples" + (
+    title = f"bench: {recipe['model']['backbone']} on {data.name}, {len(examples)} samples" + (
         "" if trained else " (UNTRAINED exit heads: speed only)")
     print(markdown_table(rows, machine_info(), title))
     if problems:
@@ -95,12 +109,6 @@ def bench(recipe_path: str, overrides: list[str], quick: bool, model_dir: str | 
         return 1
     print("bench: consistent (never-exit == full model; measured exits == simulated exits)")
     return 0
-
-
-def text_eval_batches(run, split: str, batch_size: int) -> list[dict]:
-    from mmexit.text_pipeline import split_batches
-
-    return split_batches(run, split, batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

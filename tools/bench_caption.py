@@ -4,7 +4,7 @@
     python tools/bench_caption.py [--model DIR] [--width 768 --layers 12 --heads 12 --vocab 50257]
                                   [--batch-sizes 16 1] [--steps 20] [--repeats 5]
 
-Times real KV-cached greedy decoding (``mmexit.captioning.decoding``) of a captioner: a trained
+Times real KV-cached greedy decoding (``mmexit.inference.search``) of a captioner: a trained
 one (``--model``, e.g. a quickstart run's ``model/`` folder) or a random one of the given decoder
 size built in code. The exit pattern is fixed, so the layer speed-up is known whatever the
 weights, and every row decodes exactly ``--steps`` tokens (EOS ignored):
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmexit.captioning.decoding import greedy_decode  # noqa: E402
-from mmexit.captioning.model import build_captioner, load_captioner  # noqa: E402
+from mmexit.inference.search import greedy_decode  # noqa: E402
+from mmexit.models.captioner import build_captioner, load_captioner  # noqa: E402
 from mmexit.evaluation.speed import layer_speedup  # noqa: E402
 from mmexit.evaluation.timing import machine_info, time_alternating  # noqa: E402
 from mmexit.exits.base import ExitRule  # noqa: E402

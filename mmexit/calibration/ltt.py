@@ -16,8 +16,8 @@ p-values (per-sample losses in {0, 1}, n samples, k disagreements):
   valid for any loss bounded in [0, 1] (h is the KL divergence of Bernoulli distributions).
 
 The order of the grid must not depend on the calibration data; it comes from the rule's known
-direction (``CONSERVATIVE_FIRST``: for max-prob a *higher* threshold is more conservative, for
-entropy a *lower* one) or from ``order`` given by the user.
+direction (``ExitRule.conservative_direction``: for max-prob a *higher* threshold is more
+conservative, for entropy a *lower* one) or from ``order`` given by the user.
 """
 
 from __future__ import annotations
@@ -29,18 +29,7 @@ import torch
 from torch import Tensor
 
 from mmexit.errors import CalibrationError
-from mmexit.exits.base import simulate_exits
-
-#: how each rule's grid is walked, conservative end first: "descending" or "ascending" thresholds
-CONSERVATIVE_FIRST = {
-    "maxprob": "descending",
-    "pcee": "descending",
-    "patience": "descending",
-    "entropy": "ascending",
-    "energy": "ascending",
-    "beem": "ascending",  # BEEM's knob is an error-rate slack: smaller = stricter
-}
-
+from mmexit.inference.exit_loop import simulate_exits
 
 def _kl_bernoulli(q: float, p: float) -> float:
     q = min(max(q, 1e-12), 1 - 1e-12)
@@ -114,13 +103,15 @@ class LTTCalibration:
 
     def ordered_grid(self, rule) -> list[float]:
         grid = list(self.grid or rule.default_sweep())
-        order = CONSERVATIVE_FIRST.get(rule.name) if self.order == "auto" else self.order
+        order = rule.conservative_direction if self.order == "auto" else self.order
         if order not in ("ascending", "descending"):
             raise CalibrationError(
                 f"calibration ltt: the conservative direction of rule '{rule.name}' is unknown; set order: ascending|descending")
         return sorted(grid, reverse=order == "descending")
 
-    def fit(self, rule, logits: Tensor, labels: Tensor, exit_layers: list[int]) -> None:
+    def fit(self, rule, stats) -> None:
+        """stats: ``ExitStatistics`` of the calibration split (all exits' logits needed)."""
+        logits = stats.require_logits("ltt")
         certified, trace = learn_then_test(rule, logits, self.ordered_grid(rule), self.epsilon, self.delta, self.p_value)
         rule.ltt_trace = trace
         if certified is None:
@@ -130,7 +121,7 @@ class LTTCalibration:
             rule.ltt_warning = message
             if not isinstance(getattr(type(rule), "warning", None), property):
                 rule.warning = message
-            # a threshold past the conservative end never fires for every rule of CONSERVATIVE_FIRST
+            # a threshold past the conservative end never fires for every rule with a known direction
             descending = self.ordered_grid(rule)[0] >= self.ordered_grid(rule)[-1]
             rule.threshold = math.inf if descending else -math.inf
             return

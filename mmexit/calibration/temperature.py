@@ -8,8 +8,7 @@ split (SWEET's official code fits it on the evaluation set; mmexit does not).
 correctness that the BEEM and PCEE calibrations read. It works exit by exit and in chunks of
 rows, so vocabulary-sized logits (captioning: C ~ 10^4, N ~ 10^5 tokens) never need a softmax
 over the whole tensor at once. Callers that never hold all logits (a caption decoder producing
-them token by token) can compute the same three tensors themselves and call the calibrations'
-``fit_statistics`` directly.
+them token by token) hand the same three tensors over in ``ExitStatistics``.
 """
 
 from __future__ import annotations
@@ -71,12 +70,13 @@ class TemperatureCalibration:
     component does it for one rule only.
     """
 
-    def fit(self, rule, logits: Tensor, labels: Tensor, exit_layers: list[int]) -> None:
+    def fit(self, rule, stats) -> None:
+        """stats: ``mmexit.calibration.statistics.ExitStatistics`` of the calibration split."""
         if not hasattr(rule, "temperatures"):
             from mmexit.errors import CalibrationError
 
             raise CalibrationError(f"calibration 'temperature': rule '{rule.name}' has no per-exit temperatures")
-        rule.temperatures = fit_temperatures(logits, labels)
+        rule.temperatures = fit_temperatures(stats.require_logits("temperature"), stats.labels)
 
 
 def scale(logits: Tensor, exit_index: int, temperatures: Optional[Sequence[float]]) -> Tensor:

@@ -1,21 +1,6 @@
 """results.json, the Markdown table and the speed-accuracy plot of a run.
 
-A row is a plain dict; the keys every row carries (text and captioning alike):
-
-    method          str    e.g. "joint+maxprob", "full", "sweet+maxprob"
-    rule            str    the rule's label, e.g. "maxprob@0.9" ("full" for the full model)
-    operating_point float | None   the rule's threshold / delta / patience
-    split           str    "test", "calib", ...
-    metrics         dict   task metrics, e.g. {"accuracy": 0.91} or {"CIDEr": 1.2, ...}
-    primary_metric  str    the key of ``metrics`` that plots and tables lead with
-    layer_speedup   float  L*N / sum(layers used)  (per generated token for captioning)
-    wall_speedup    float | None   time(full) / time(early exit), same run, same batch size
-    efficiency      float | None   wall_speedup / layer_speedup
-    batch_size      int | None     None for simulated rows
-    exit_histogram  dict[str, int] samples (tokens) per exit layer
-    simulated       bool   True when exits were decided after running every layer
-
-Rows may add keys (e.g. "warning", "time_full_s", "time_exit_s", "encoder_ms").
+Rows follow ``mmexit.evaluation.rows.ResultRow`` (written as dicts).
 """
 
 from __future__ import annotations
@@ -26,26 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-REQUIRED_KEYS = (
-    "method", "rule", "operating_point", "split", "metrics", "primary_metric", "layer_speedup",
-    "wall_speedup", "efficiency", "batch_size", "exit_histogram", "simulated",
-)
-
-
-def check_row(row: dict) -> None:
-    """Raise ValueError when a row lacks a required key (a programming error, not a user one)."""
-    missing = [key for key in REQUIRED_KEYS if key not in row]
-    if missing:
-        raise ValueError(f"result row lacks keys {missing}: {row}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
+from mmexit.evaluation.rows import check_row
+from mmexit.files import atomic_write_text
 
 
 def _fmt(value, digits: int = 2) -> str:

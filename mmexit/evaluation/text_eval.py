@@ -3,8 +3,8 @@
 Three kinds of figures, never mixed up:
 - *simulated* sweep rows: every layer ran once, exits decided afterwards with ``simulate_exits``
   (cheap, used for curves); labelled ``simulated: true``, no wall-clock figure;
-- the operating point of each rule: the fastest point whose metric on the **calibration** split
-  is within ``tolerance`` points of the full model's there (never chosen on the test split);
+- the operating point of each rule, chosen on the **calibration** split by
+  ``mmexit.evaluation.operating_point`` (never on the test split);
 - *measured* rows: the real batched early-exit path (``early_exit_forward``) on the evaluation
   split, timed against the full model by the BENCHMARKS.md protocol at each batch size.
 """
@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from mmexit.evaluation.glue_metrics import compute_metrics, predictions_from_logits
 from mmexit.evaluation.speed import efficiency, exit_histogram, layer_speedup
 from mmexit.evaluation.timing import time_alternating
-from mmexit.exits.base import ExitRule, simulate_exits
+from mmexit.evaluation.rows import ResultRow
+from mmexit.exits.base import ExitRule
 from mmexit.inference.encoder import early_exit_forward
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.models.encoder import MultiExitEncoder
 
 
@@ -75,26 +77,6 @@ def simulated_point(rule: ExitRule, outputs: SplitOutputs, exit_layers: list[int
     return score(metric_names, chosen, outputs.labels), layer_speedup(layers, exit_layers[-1]), exit_index
 
 
-def select_operating_point(rule: ExitRule, thresholds: list[float], calib: SplitOutputs,
-                           exit_layers: list[int], metric_names: tuple[str, ...], primary: str,
-                           tolerance_points: float) -> tuple[float, dict]:
-    """The threshold with the highest layer speed-up whose calibration-split metric is within
-    ``tolerance_points`` (x100 scale) of the full model's; the most accurate one when none is."""
-    full = score(metric_names, calib.logits[-1], calib.labels)[primary]
-    candidates = []
-    for threshold in thresholds:
-        metrics, speedup, _ = simulated_point(rule.with_threshold(threshold), calib, exit_layers, metric_names)
-        candidates.append((threshold, metrics[primary], speedup))
-    within = [c for c in candidates if 100 * (full - c[1]) <= tolerance_points + 1e-9]
-    if within:
-        best = max(within, key=lambda c: (c[2], c[1]))
-        note = None
-    else:
-        best = max(candidates, key=lambda c: (c[1], c[2]))
-        note = f"no operating point within {tolerance_points:g} points on the calibration split; most accurate chosen"
-    return best[0], {"calib_metric": best[1], "calib_full_metric": full, "calib_layer_speedup": best[2], "note": note}
-
-
 @torch.inference_mode()
 def run_early_exit(model: MultiExitEncoder, rule: ExitRule, batches: list[dict]) -> tuple[Tensor, Tensor]:
     """The real batched path over ``batches``: chosen logits [N, C] and exit index [N]."""
@@ -139,30 +121,21 @@ def measured_rows(model: MultiExitEncoder, rule: ExitRule, method: str, split: s
     metrics = score(metric_names, logits, labels)
     speedup = layer_speedup(layers, model.num_layers)
     rows = []
+    extra = dict(extra or {})
+    warning = "; ".join(w for w in (extra.pop("note", None), rule.warning) if w) or None
     for batch_size, batches in timing_batches.items():
         timed_rows = sum(b["input_ids"].shape[0] for b in batches)
         _, timed_exits = run_early_exit(model, rule, batches)
         timed_speedup = layer_speedup(torch.tensor(model.exit_layers)[timed_exits], model.num_layers)
         timing = time_against_full(model, rule, batches, repeats)
-        rows.append({
-            "method": method, "rule": rule.describe(), "operating_point": rule.threshold, "split": split,
-            "metrics": metrics, "primary_metric": primary, "layer_speedup": speedup,
-            "wall_speedup": timing["wall_speedup"], "efficiency": efficiency(timing["wall_speedup"], timed_speedup),
-            "batch_size": batch_size, "exit_histogram": exit_histogram(exit_index, model.exit_layers),
-            "simulated": False, "timed_samples": timed_rows, "timed_layer_speedup": timed_speedup,
-            "time_full_s": timing["time_full_s"], "time_exit_s": timing["time_exit_s"], **(extra or {}),
-        })
+        rows.append(ResultRow(
+            method, rule.describe(), rule.threshold, split, metrics, primary, speedup,
+            exit_histogram(exit_index, model.exit_layers), False, timing["wall_speedup"],
+            efficiency(timing["wall_speedup"], timed_speedup), batch_size, warning,
+            extra={"timed_samples": timed_rows, "timed_layer_speedup": timed_speedup,
+                   "time_full_s": timing["time_full_s"], "time_exit_s": timing["time_exit_s"], **extra},
+        ).to_dict())
     return rows, logits, exit_index
-
-
-def full_model_rows(split: str, metrics: dict, primary: str, num_layers: int, n: int,
-                    batch_sizes: list[int]) -> list[dict]:
-    """Reference rows of the full model (by definition speed-up 1)."""
-    return [{
-        "method": "full", "rule": "full", "operating_point": None, "split": split, "metrics": metrics,
-        "primary_metric": primary, "layer_speedup": 1.0, "wall_speedup": 1.0, "efficiency": 1.0,
-        "batch_size": batch_size, "exit_histogram": {str(num_layers): n}, "simulated": False,
-    } for batch_size in batch_sizes]
 
 
 def sweep_rows(rule: ExitRule, thresholds: list[float], method: str, split: str, outputs: SplitOutputs,
@@ -172,15 +145,7 @@ def sweep_rows(rule: ExitRule, thresholds: list[float], method: str, split: str,
     for threshold in thresholds:
         point = rule.with_threshold(threshold)
         metrics, speedup, exit_index = simulated_point(point, outputs, exit_layers, metric_names)
-        row = {
-            "method": method, "rule": point.describe(), "operating_point": threshold, "split": split,
-            "metrics": metrics, "primary_metric": primary, "layer_speedup": speedup, "wall_speedup": None,
-            "efficiency": None, "batch_size": None, "exit_histogram": exit_histogram(exit_index, exit_layers),
-            "simulated": True,
-        }
-        warning = getattr(point, "warning", None)
-        if warning:
-            row["warning"] = warning
-        rows.append(row)
+        rows.append(ResultRow(method, point.describe(), threshold, split, metrics, primary, speedup,
+                              exit_histogram(exit_index, exit_layers), True, warning=point.warning).to_dict())
     return rows
 

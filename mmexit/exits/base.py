@@ -63,12 +63,24 @@ class ExitRule:
     #: False for rules that never read ``ExitView.logits``: the caption decoder then computes an
     #: exit's logits (norm + LM head over the vocabulary) only for the rows that stop there.
     needs_logits: bool = True
+    #: True for rules that read class probabilities (softmax over the logits): they cannot serve a
+    #: regression head (one output).
+    needs_probabilities: bool = True
+    #: which way the operating point moves towards the full model: "descending" when a *higher*
+    #: threshold is more conservative (max-prob), "ascending" when a *lower* one is (entropy), None
+    #: when unknown. Learn-then-Test walks a grid from the conservative end.
+    conservative_direction: Optional[str] = None
+    #: why this operating point cannot do what was asked (for the results row), or None; rules and
+    #: calibrations set it, rows copy it.
+    warning: Optional[str] = None
 
     def __init__(self, threshold: float = 0.0) -> None:
         self.threshold = float(threshold)
 
     def start(self, batch_size: int, device: torch.device) -> RuleState:
-        """Fresh per-row state for a batch of ``batch_size`` rows (empty for stateless rules)."""
+        """Fresh per-row state for a batch of ``batch_size`` rows (empty for stateless rules).
+
+        Every tensor of the state has ``batch_size`` rows; ``check_state`` enforces it."""
         return {}
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
@@ -99,27 +111,16 @@ class ExitRule:
         """Restore what ``calibration_state`` returned."""
 
 
+def check_state(rule: ExitRule, state: RuleState, rows: int) -> None:
+    """Fail loudly when a rule's state is not aligned with the ``rows`` active rows."""
+    for key, value in state.items():
+        if value.shape[0] != rows:
+            raise RuntimeError(
+                f"rule {rule.name}: state '{key}' has {value.shape[0]} rows, the batch has {rows} "
+                "(state must be created in start() with one row per batch row)"
+            )
+
+
 def subset_state(state: RuleState, keep: Tensor) -> RuleState:
     """Keep the rows ``keep`` (bool mask [rows] or index tensor) of every state tensor."""
     return {key: value[keep] for key, value in state.items()}
-
-
-def simulate_exits(rule: ExitRule, all_logits: Tensor, all_hidden: Optional[Tensor] = None) -> Tensor:
-    """Exit index per row when every exit's logits are already known (a *simulated* exit).
-
-    all_logits: [num_exits, rows, classes]; all_hidden: [num_exits, rows, hidden] or None.
-    Returns: [rows] long, the first exit whose rule fired (the last exit when none did).
-    Used for threshold sweeps and calibration; speed figures from it must be labelled simulated.
-    """
-    num_exits, rows = all_logits.shape[0], all_logits.shape[1]
-    device = all_logits.device
-    state = rule.start(rows, device)
-    exit_index = torch.full((rows,), num_exits - 1, dtype=torch.long, device=device)
-    undecided = torch.ones(rows, dtype=torch.bool, device=device)
-    for index in range(num_exits - 1):
-        hidden = None if all_hidden is None else all_hidden[index]
-        stop = rule.decide(ExitView(all_logits[index], index, num_exits, hidden), state)
-        newly = stop & undecided
-        exit_index[newly] = index
-        undecided &= ~stop
-    return exit_index

@@ -129,6 +129,7 @@ class BEEMRule(PerExitTemperature, ExitRule):
 
     name = "beem"
     needs_calibration = True
+    conservative_direction = "ascending"  # the knob is an error-rate slack: smaller = stricter
 
     def __init__(
         self,

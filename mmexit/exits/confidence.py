@@ -25,6 +25,7 @@ class MaxProbRule(PerExitTemperature, ExitRule):
     """Exit when max softmax probability c_i >= threshold."""
 
     name = "maxprob"
+    conservative_direction = "descending"
 
     def __init__(self, threshold: float = 0.9) -> None:
         super().__init__(threshold)
@@ -46,6 +47,7 @@ class EntropyRule(PerExitTemperature, ExitRule):
     """DeeBERT: exit when the entropy of p_i (nats) < threshold."""
 
     name = "entropy"
+    conservative_direction = "ascending"
 
     def __init__(self, threshold: float = 0.2) -> None:
         super().__init__(threshold)
@@ -69,6 +71,7 @@ class NeverExitRule(ExitRule):
     """Never stops early: every row runs to the last exit (the full model through the exit path)."""
 
     name = "never"
+    needs_probabilities = False
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
         return torch.zeros(view.num_rows, dtype=torch.bool, device=view.device)
@@ -81,6 +84,8 @@ class FixedExitRule(ExitRule):
     """Every row stops at exit ``threshold`` (0-based): a static truncation through the exit path."""
 
     name = "fixed"
+    needs_probabilities = False
+    conservative_direction = "descending"
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
         stop = view.exit_index >= int(self.threshold)

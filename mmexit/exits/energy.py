@@ -23,6 +23,7 @@ class EnergyRule(PerExitTemperature, ExitRule):
     """COSEE: exit when the normalised energy of exit i's logits (/ T_i when set) is < threshold."""
 
     name = "energy"
+    conservative_direction = "ascending"
 
     def __init__(self, threshold: float = 0.05) -> None:
         super().__init__(threshold)

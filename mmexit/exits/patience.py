@@ -16,6 +16,8 @@ class PatienceRule(ExitRule):
     """
 
     name = "patience"
+    needs_probabilities = False
+    conservative_direction = "descending"
 
     def __init__(self, threshold: float = 2, regression_tol: float = 0.1) -> None:
         super().__init__(threshold)

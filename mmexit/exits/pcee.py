@@ -79,6 +79,7 @@ class PCEERule(PerExitTemperature, ExitRule):
 
     name = "pcee"
     needs_calibration = True
+    conservative_direction = "descending"
 
     def __init__(
         self,

@@ -25,20 +25,25 @@ class SaturationRule(ExitRule):
     name = "saturation"
     needs_hidden = True
     needs_logits = False
+    needs_probabilities = False
+    conservative_direction = "descending"
 
     def __init__(self, threshold: float = 0.95) -> None:
         super().__init__(threshold)
 
     def start(self, batch_size: int, device: torch.device) -> RuleState:
-        return {}
+        # the previous exit's hidden state per row; width 0 until the first exit fills it
+        return {"previous": torch.zeros(batch_size, 0, device=device)}
 
     def decide(self, view: ExitView, state: RuleState) -> Tensor:
         if view.hidden is None:
             raise ValueError("rule saturation reads hidden states: the caller must pass ExitView.hidden")
         hidden = view.hidden.float()  # [rows, hidden]
-        previous = state.get("previous")
+        previous = state["previous"]
+        if previous.shape[0] != hidden.shape[0]:
+            raise RuntimeError(f"rule saturation: state has {previous.shape[0]} rows, the exit {hidden.shape[0]}")
         state["previous"] = hidden
-        if previous is None or previous.shape[0] != hidden.shape[0]:
+        if previous.shape[1] == 0:  # the first exit has nothing to compare with
             return torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         return F.cosine_similarity(hidden, previous, dim=-1) >= self.threshold
 

@@ -1,8 +1,8 @@
 """Batched early exit for a MultiExitEncoder: rows that exit leave the batch before the next layer.
 
-After each exit the rule returns a stop mask over the active rows; the stopped rows' logits are
-scattered back to their original positions and the rest (hidden states, layer context, rule
-state) are gathered into a smaller batch. No ``torch.all`` over the batch, no batch-size-1
+After each exit the rule returns a stop mask over the active rows (``ActiveRows``, the one exit
+loop); the stopped rows' logits are scattered back to their original positions and the rest
+(hidden states, layer context, rule state) are gathered into a smaller batch. No ``torch.all`` over the batch, no batch-size-1
 assumption; the last exit stops every row still running.
 """
 
@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.exits.base import ExitRule, ExitView, subset_state
+from mmexit.exits.base import ExitRule
+from mmexit.inference.exit_loop import ActiveRows
 from mmexit.models.adapters import subset_context
 from mmexit.models.encoder import MultiExitEncoder
 
@@ -37,14 +38,9 @@ def early_exit_forward(
     token_type_ids: Optional[Tensor] = None,
 ) -> EarlyExitOutput:
     """Run the encoder layer by layer, letting each row stop at the first exit its rule accepts."""
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    last_exit = model.num_exits - 1
     hidden, context = model.embed(input_ids, attention_mask, token_type_ids)
-    state = rule.start(batch, device)
-    rows = torch.arange(batch, device=device)  # original position of each active row
-    out_logits: Optional[Tensor] = None
-    exit_index = torch.full((batch,), last_exit, dtype=torch.long, device=device)
+    active = ActiveRows(rule, input_ids.shape[0], model.num_exits, input_ids.device)
+    last_exit = model.num_exits - 1
     for layer in range(model.num_layers):
         hidden = model.run_layer(layer, hidden, context)  # [active, seq, hidden]
         exit_now = model.exit_after.get(layer)
@@ -53,27 +49,16 @@ def early_exit_forward(
         head = model.heads[exit_now]
         pooled = head.pool(hidden, context["attention_mask"])  # [active, hidden]
         logits = head.classify(pooled)  # [active, labels]
-        if out_logits is None:
-            out_logits = logits.new_empty(batch, logits.shape[-1])
         if exit_now == last_exit:
-            out_logits[rows] = logits
-            exit_index[rows] = last_exit
+            active.finish(logits)
             break
-        view = ExitView(logits, exit_now, model.num_exits, pooled if rule.needs_hidden else None)
-        stop = rule.decide(view, state)  # [active] bool
-        if not bool(stop.any()):
-            continue
-        stopped = rows[stop]
-        out_logits[stopped] = logits[stop]
-        exit_index[stopped] = exit_now
-        keep = ~stop
-        if not bool(keep.any()):
+        keep = active.ask(exit_now, logits, pooled)
+        if active.done:
             break
-        hidden, rows = hidden[keep], rows[keep]
-        context = subset_context(context, keep)
-        state = subset_state(state, keep)
-    layer_numbers = torch.tensor(model.exit_layers, device=device)
-    return EarlyExitOutput(out_logits, exit_index, layer_numbers[exit_index])
+        if keep is not None:
+            hidden, context = hidden[keep], subset_context(context, keep)
+    layer_numbers = torch.tensor(model.exit_layers, device=input_ids.device)
+    return EarlyExitOutput(active.outputs, active.exit_index, layer_numbers[active.exit_index])
 
 
 @torch.inference_mode()

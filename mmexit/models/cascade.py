@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.exits.base import ExitRule, ExitView, simulate_exits, subset_state
+from mmexit.exits.base import ExitRule
+from mmexit.inference.exit_loop import ActiveRows, simulate_exits
 from mmexit.models.encoder import MultiExitEncoder
 
 
@@ -71,35 +72,22 @@ def cascade_forward(
     token_type_ids: Optional[Tensor] = None,
 ) -> CascadeOutput:
     """Run the cascade batched: only the rows that did not stop are handed to the next model."""
-    batch = input_ids.shape[0]
-    device = input_ids.device
     num_models = len(models)
-    state = rule.start(batch, device)
-    rows = torch.arange(batch, device=device)  # original position of each active row
-    exit_index = torch.full((batch,), num_models - 1, dtype=torch.long, device=device)
-    out_logits: Optional[Tensor] = None
+    active = ActiveRows(rule, input_ids.shape[0], num_models, input_ids.device)
     ids, mask, types = input_ids, attention_mask, token_type_ids
     for index, model in enumerate(models):
         logits, pooled = _run_model(model, ids, mask, types)  # [active, labels], [active, hidden]
-        if out_logits is None:
-            out_logits = logits.new_empty(batch, logits.shape[-1])
         if index == num_models - 1:
-            out_logits[rows] = logits
-            exit_index[rows] = index
+            active.finish(logits)
             break
-        view = ExitView(logits, index, num_models, pooled if rule.needs_hidden else None)
-        stop = rule.decide(view, state)  # [active] bool
-        if bool(stop.any()):
-            out_logits[rows[stop]] = logits[stop]
-            exit_index[rows[stop]] = index
-            keep = ~stop
-            if not bool(keep.any()):
-                break
-            rows, ids, mask = rows[keep], ids[keep], mask[keep]
+        keep = active.ask(index, logits, pooled)
+        if active.done:
+            break
+        if keep is not None:
+            ids, mask = ids[keep], mask[keep]
             types = None if types is None else types[keep]
-            state = subset_state(state, keep)
-    charge = torch.tensor(cumulative_layers(models), device=device)
-    return CascadeOutput(out_logits, exit_index, charge[exit_index])
+    charge = torch.tensor(cumulative_layers(models), device=input_ids.device)
+    return CascadeOutput(active.outputs, active.exit_index, charge[active.exit_index])
 
 
 @torch.inference_mode()
@@ -159,7 +147,8 @@ def evaluate_cascade(folders: Sequence[str | Path], recipe_path: str, output_dir
     the reference "full" rows are the deepest member alone (so its layer count is L).
     """
     from mmexit.calibration.temperature import fit_temperatures
-    from mmexit.config import load_recipe, validate_recipe
+    from mmexit.recipe.loading import load_recipe
+    from mmexit.recipe.tasks import validate_recipe
     from mmexit.data.text import batches, load_text_task
     from mmexit.evaluation import text_eval
     from mmexit.evaluation.results import write_results

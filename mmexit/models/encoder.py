@@ -60,6 +60,8 @@ class MultiExitEncoder(nn.Module):
             ExitHead(hidden_size, num_labels, pooling, head_dropout) for _ in self.exit_layers
         )
         self._init_poolers_from_backbone()
+        #: metadata saved with a trained model (task, label names, max_length)
+        self.config_extra: dict = {}
         # layer index (0-based) -> exit index, for layers followed by an exit
         self.exit_after = {layer - 1: index for index, layer in enumerate(self.exit_layers)}
 
@@ -77,6 +79,13 @@ class MultiExitEncoder(nn.Module):
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers)
+
+    def head_kind(self, parameter_name: str) -> str | None:
+        """"internal" / "final" for a parameter of an internal / the last exit head, None for the
+        backbone. Two-stage training and the head learning rate read this."""
+        if not parameter_name.startswith("heads."):
+            return None
+        return "final" if int(parameter_name.split(".")[1]) == self.num_exits - 1 else "internal"
 
     # ------------------------------------------------------------------ the pieces both paths use
     def embed(
@@ -198,4 +207,5 @@ class MultiExitEncoder(nn.Module):
             backbone, config["num_labels"], config["exit_layers"], config["pooling"], config["head_dropout"]
         )
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        model.config_extra = dict(config.get("extra") or {})
         return model

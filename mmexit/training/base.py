@@ -29,9 +29,18 @@ class ExitLoss:
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The keyword arguments of ``MultiExitEncoder.forward_exits`` found in a batch."""
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {key: batch[key] for key in keys if key in batch}
+    """The model's keyword arguments in a batch: everything but the labels (text: input_ids,
+    attention_mask, token_type_ids; captioning: images, input_ids)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def flatten_tokens(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Token-level targets as samples: logits [M, B, T, V] and labels [B, T] (-100 = padding)
+    become [M, N, V] and [N] over the N real tokens; sample-level inputs pass unchanged."""
+    if labels.ndim < 2:
+        return logits, labels
+    mask = labels != -100
+    return logits[:, mask], labels[mask]
 
 
 def per_sample_task_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -5,29 +5,32 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmexit.training.base import ExitLoss, depth_weights, model_inputs, per_sample_task_loss
+import torch
+
+from mmexit.training.base import ExitLoss, depth_weights, flatten_tokens, model_inputs, per_sample_task_loss
 
 
 class JointLoss(ExitLoss):
-    """sum_i w_i * CE_i with w_i = i / sum(i) ("depth", PABEE) or uniform weights.
+    """sum_i w_i * CE_i with w_i = i / sum(i) ("depth", PABEE), uniform weights, or a list of M
+    weights (normalised to sum 1). Token-level targets (captioning) count every real token.
 
     distill_weight > 0 adds  distill_weight * mean_i<M KL(p_final || p_i)  at ``temperature``
     (BEEM's optional KL-to-final term; the final exit's distribution is detached).
     """
 
-    def __init__(self, weights: str = "depth", distill_weight: float = 0.0, temperature: float = 1.0) -> None:
-        if weights not in ("depth", "uniform"):
+    def __init__(self, weights: str | list = "depth", distill_weight: float = 0.0, temperature: float = 1.0) -> None:
+        if not isinstance(weights, (list, tuple)) and weights not in ("depth", "uniform"):
             from mmexit.errors import RecipeError
 
-            raise RecipeError(f"train.loss.weights: {weights!r} is not allowed; allowed: depth, uniform")
+            raise RecipeError(f"train.loss.weights: {weights!r} is not allowed; allowed: depth, uniform or a list")
         self.weights = weights
         self.distill_weight = float(distill_weight)
         self.temperature = float(temperature)
 
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
-        logits = model(**model_inputs(batch))  # [exits, batch, labels]
-        per_exit = per_sample_task_loss(logits, batch["labels"]).mean(-1)  # [exits]
-        weights = depth_weights(logits.shape[0], logits.device, self.weights)
+        logits, labels = flatten_tokens(model(**model_inputs(batch)), batch["labels"])  # [exits, N, C], [N]
+        per_exit = per_sample_task_loss(logits, labels).mean(-1)  # [exits]
+        weights = self._weights(logits.shape[0], logits.device)
         loss = (weights * per_exit).sum()
         logs = {"loss_task": float(loss.detach()), "loss_last_exit": float(per_exit[-1].detach())}
         if self.distill_weight > 0 and logits.shape[-1] > 1 and logits.shape[0] > 1:
@@ -38,6 +41,16 @@ class JointLoss(ExitLoss):
             logs["loss_distill"] = float(kl.detach())
         return loss, logs
 
+    def _weights(self, num_exits: int, device: torch.device) -> torch.Tensor:
+        if isinstance(self.weights, (list, tuple)):
+            if len(self.weights) != num_exits:
+                from mmexit.errors import RecipeError
+
+                raise RecipeError(f"train.loss.weights: {len(self.weights)} weights for {num_exits} exits")
+            weights = torch.tensor([float(w) for w in self.weights], device=device)
+            return weights / weights.sum()
+        return depth_weights(num_exits, device, self.weights)
+
 
 class FinalOnlyLoss(ExitLoss):
     """The last exit's loss alone: a plain fine-tune (full model, static truncation, two-stage stage 1)."""
@@ -45,8 +58,8 @@ class FinalOnlyLoss(ExitLoss):
     trains = "final"
 
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
-        logits = model(**model_inputs(batch), final_only=True)[0]
-        loss = per_sample_task_loss(logits, batch["labels"]).mean()
+        logits, labels = flatten_tokens(model(**model_inputs(batch), final_only=True), batch["labels"])
+        loss = per_sample_task_loss(logits[0], labels).mean()
         return loss, {"loss_task": float(loss.detach())}
 
 
@@ -56,7 +69,7 @@ class InternalExitsLoss(ExitLoss):
     trains = "internal"
 
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
-        logits = model(**model_inputs(batch))
+        logits, labels = flatten_tokens(model(**model_inputs(batch)), batch["labels"])
         internal = logits[:-1] if logits.shape[0] > 1 else logits
-        loss = per_sample_task_loss(internal, batch["labels"]).mean()
+        loss = per_sample_task_loss(internal, labels).mean()
         return loss, {"loss_task": float(loss.detach())}

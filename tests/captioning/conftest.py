@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmexit.captioning.model import build_captioner
+from mmexit.models.captioner import build_captioner
 
 BOS, EOS, PAD = 1, 2, 0
 

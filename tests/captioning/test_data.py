@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mmexit.captioning.coco_data import check_items, load_coco_annotations, load_images, load_karpathy
-from mmexit.captioning.scenes import generate_scenes
-from mmexit.captioning.tokenizer import train_word_tokenizer
+from mmexit.data.coco import check_items, load_coco_annotations, load_images, load_karpathy
+from mmexit.data.scenes import generate_scenes
+from mmexit.data.caption_tokenizer import train_word_tokenizer
 from mmexit.errors import DataError
 
 

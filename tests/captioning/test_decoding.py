@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmexit.captioning.decoding import CachedStepper, beam_decode, greedy_decode
+from mmexit.inference.search import beam_decode, greedy_decode
+from mmexit.inference.stepper import CachedStepper
+from uncached_stepper import UncachedStepper
 from mmexit.exits.base import ExitRule
 from mmexit.exits.confidence import MaxProbRule, NeverExitRule
 from mmexit.exits.saturation import SaturationRule
@@ -38,7 +40,7 @@ def test_never_exit_equals_full_greedy_and_hf_generate(tiny_captioner, tiny_feat
 @pytest.mark.parametrize("policy", ["propagate", "deferred", "oracle"])
 def test_cached_equals_uncached(tiny_captioner, tiny_features, rule, policy):
     cached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy)
-    uncached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy, cached=False)
+    uncached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy, stepper_class=UncachedStepper)
     assert cached.tokens == uncached.tokens
     assert cached.token_layers == uncached.token_layers
 
@@ -89,7 +91,7 @@ def test_exited_rows_leave_the_layer_computation(tiny_captioner, tiny_features):
 def test_beam_never_exit_equals_full_beam_and_hf(tiny_captioner, tiny_features):
     full = beam_decode(tiny_captioner, tiny_features, None, 3, MAX_LEN, BOS, EOS)
     never = beam_decode(tiny_captioner, tiny_features, NeverExitRule(), 3, MAX_LEN, BOS, EOS)
-    reference = beam_decode(tiny_captioner, tiny_features, None, 3, MAX_LEN, BOS, EOS, cached=False)
+    reference = beam_decode(tiny_captioner, tiny_features, None, 3, MAX_LEN, BOS, EOS, stepper_class=UncachedStepper)
     assert never.tokens == full.tokens == reference.tokens
     assert full.tokens == _generate(tiny_captioner, tiny_features, num_beams=3, early_stopping=True, length_penalty=1.0)
 
@@ -97,7 +99,7 @@ def test_beam_never_exit_equals_full_beam_and_hf(tiny_captioner, tiny_features):
 def test_beam_early_exit_cached_equals_uncached(tiny_captioner, tiny_features):
     rule = MaxProbRule(0.4)
     cached = beam_decode(tiny_captioner, tiny_features, rule, 3, MAX_LEN, BOS, EOS)
-    uncached = beam_decode(tiny_captioner, tiny_features, rule, 3, MAX_LEN, BOS, EOS, cached=False)
+    uncached = beam_decode(tiny_captioner, tiny_features, rule, 3, MAX_LEN, BOS, EOS, stepper_class=UncachedStepper)
     assert cached.tokens == uncached.tokens
     assert torch.equal(cached.layers, uncached.layers)
     assert int(cached.layers.min()) < tiny_captioner.num_layers
@@ -105,7 +107,7 @@ def test_beam_early_exit_cached_equals_uncached(tiny_captioner, tiny_features):
 
 @pytest.mark.parametrize("exit_head", ["norm", "adapter"])
 def test_subset_exits_and_exit_heads(make_spec, exit_head):
-    from mmexit.captioning.model import build_captioner
+    from mmexit.models.captioner import build_captioner
 
     torch.manual_seed(3)
     model = build_captioner(make_spec(n_layer=4, exits=[2, 3], exit_head=exit_head)).eval()
@@ -114,7 +116,7 @@ def test_subset_exits_and_exit_heads(make_spec, exit_head):
         features = model.encode(torch.randn(3, 3, 32, 32))
     rule = MaxProbRule(0.3)
     cached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS)
-    uncached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS, cached=False)
+    uncached = greedy_decode(model, features, rule, MAX_LEN, BOS, EOS, stepper_class=UncachedStepper)
     assert cached.tokens == uncached.tokens
     assert set(cached.layers.tolist()) <= {2, 3, 4}
 
@@ -186,9 +188,9 @@ def test_rules_without_logits_ask_the_lm_head_only_where_rows_stop(tiny_captione
     rows_seen = []
     original = tiny_captioner.exit_logits
 
-    def counting(hidden, exit_index):
+    def counting(exit_index, hidden):
         rows_seen.append(hidden.shape[0])
-        return original(hidden, exit_index)
+        return original(exit_index, hidden)
 
     monkeypatch.setattr(tiny_captioner, "exit_logits", counting)
     result = greedy_decode(tiny_captioner, tiny_features, SaturationRule(0.5), MAX_LEN, BOS, EOS)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from mmexit.captioning.metrics import (CaptionScorer, python_tokenize, score_files, write_annotation_file,
+from mmexit.evaluation.caption_metrics import (CaptionScorer, python_tokenize, score_files, write_annotation_file,
                                        write_results_file)
 
 REFERENCES = {
@@ -56,7 +56,7 @@ def test_metrics_equal_cocoevalcap(tmp_path, monkeypatch):
 
 
 def test_without_java_skips_meteor_and_still_scores(tmp_path, monkeypatch):
-    import mmexit.captioning.metrics as metrics
+    import mmexit.evaluation.caption_metrics as metrics
 
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     with pytest.warns(UserWarning, match="java is not on PATH: METEOR and SPICE are skipped"):

@@ -1,4 +1,4 @@
-"""run_captioning: bad inputs fail before anything is written; a reduced quickstart end to end."""
+"""The captioning task through the runner: bad inputs fail before anything is written; a reduced quickstart end to end."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from accelerate import Accelerator
-
-from mmexit.captioning.pipeline import run_captioning
-from mmexit.captioning.scenes import generate_scenes
-from mmexit.config import load_recipe, validate_recipe
+from mmexit.runner import run_validated
+from mmexit.data.scenes import generate_scenes
+from mmexit.recipe import load_recipe, validate_recipe
 from mmexit.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +68,7 @@ def test_bad_inputs_fail_before_writing(tmp_path, damage):
         expected = rf"image id {victim['id']} \(.*\) has no captions"
     recipe = _recipe(tmp_path, *overrides, "run.overwrite=true")
     with pytest.raises(DataError, match=expected):
-        run_captioning(recipe, Accelerator(cpu=True), out)
+        run_validated(recipe)
     _assert_untouched(out, before)
 
 
@@ -79,7 +77,7 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     recipe = _recipe(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    rows = run_captioning(recipe, Accelerator(cpu=True), out)
+    rows = run_validated(recipe)
     for name in ("results.json", "results.md", "speed_accuracy.png", "calibration.json", "model/model.safetensors",
                  "model/tokenizer.json", "predictions/full_test.json", "examples.md"):
         assert (out / name).is_file(), name
@@ -94,12 +92,11 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     predictions = json.loads((out / "predictions/full_test.json").read_text())
     assert len(predictions) == 12 and {"image_id", "caption"} <= set(predictions[0])
     # evaluate again from the saved model and calibration, without training
-    again = run_captioning(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"])), Accelerator(cpu=True), out)
+    again = run_validated(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"], overwrite=True)))
     assert [r["rule"] for r in again] == [r["rule"] for r in rows]
     # deferred compute: exact cache, so each swept point scores as its oracle twin, with real costs
-    deferred = run_captioning(dict(recipe, run=dict(recipe["run"], stages=["evaluate"]),
-                                   evaluate=dict(recipe["evaluate"], policy="deferred", oracle_sweep=True)),
-                              Accelerator(cpu=True), out)
+    deferred = run_validated(dict(recipe, run=dict(recipe["run"], stages=["evaluate"], overwrite=True),
+                                  evaluate=dict(recipe["evaluate"], policy="deferred", oracle_sweep=True)))
     sweep = [r for r in deferred if r["split"] == "calib" and r["method"] != "full"]
     real, oracle = sweep[0::2], sweep[1::2]
     assert all(r["method"] + " (oracle)" == o["method"] for r, o in zip(real, oracle))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmexit.config import load_recipe, validate_recipe
+from mmexit.recipe import load_recipe, validate_recipe
 from mmexit.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit.calibration.beem import BEEMCalibration
 from mmexit.errors import CalibrationError
-from mmexit.exits.base import ExitView, simulate_exits
+from mmexit.exits.base import ExitView
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.beem import BEEMRule, beem_scores, select_thresholds
 
 
@@ -89,7 +91,7 @@ def _synthetic(num_exits=4, rows=600, classes=3, seed=0):
 def test_calibrated_thresholds_keep_each_exit_error_below_final(weights):
     logits, labels = _synthetic()
     rule = BEEMRule(threshold=0.0, weights=weights)
-    BEEMCalibration().fit(rule, logits, labels, [3, 6, 9, 12])
+    BEEMCalibration().fit(rule, ExitStatistics.from_logits(logits, labels, [3, 6, 9, 12]))
     exits = simulate_exits(rule, logits)
     predictions = logits[exits, torch.arange(labels.numel())].argmax(-1)
     wrong = predictions != labels
@@ -110,7 +112,7 @@ def test_calibrated_thresholds_keep_each_exit_error_below_final(weights):
 def test_slack_is_the_sweep_knob_and_survives_a_json_round_trip():
     logits, labels = _synthetic()
     rule = BEEMRule()
-    BEEMCalibration().fit(rule, logits, labels, [1, 2, 3, 4])
+    BEEMCalibration().fit(rule, ExitStatistics.from_logits(logits, labels, [1, 2, 3, 4]))
     mean_exit = [float(simulate_exits(rule.with_threshold(t), logits).float().mean()) for t in (0.0, 0.1, 0.3)]
     assert mean_exit[0] >= mean_exit[1] >= mean_exit[2]  # more slack, earlier exits
     state = json.loads(json.dumps(rule.calibration_state()))
@@ -131,17 +133,17 @@ def test_uncalibrated_rule_fails_clearly():
 def test_cost_weight_trades_errors_for_depth():
     logits, labels = _synthetic()
     rule = BEEMRule(cost_weight=0.0)
-    BEEMCalibration().fit(rule, logits, labels, [1, 2, 3, 4])
+    BEEMCalibration().fit(rule, ExitStatistics.from_logits(logits, labels, [1, 2, 3, 4]))
     # lambda = 0: only errors count, so no exit stops early
     assert rule.alphas[:-1] == [math.inf] * 3
     eager = BEEMRule(cost_weight=10.0)
-    BEEMCalibration().fit(eager, logits, labels, [1, 2, 3, 4])
+    BEEMCalibration().fit(eager, ExitStatistics.from_logits(logits, labels, [1, 2, 3, 4]))
     paper = BEEMRule()
-    BEEMCalibration().fit(paper, logits, labels, [1, 2, 3, 4])
+    BEEMCalibration().fit(paper, ExitStatistics.from_logits(logits, labels, [1, 2, 3, 4]))
     # a large lambda takes the most stops the error constraint allows: the paper's rule
     assert eager.alphas == paper.alphas
 
 
 def test_regression_is_refused():
     with pytest.raises(CalibrationError, match="regression"):
-        BEEMCalibration().fit(BEEMRule(), torch.randn(3, 5, 1), torch.randn(5), [1, 2, 3])
+        BEEMCalibration().fit(BEEMRule(), ExitStatistics.from_logits(torch.randn(3, 5, 1), torch.randn(5), [1, 2, 3]))

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit.calibration.ltt import LTTCalibration, binomial_p_value, hoeffding_bentkus_p_value, learn_then_test
-from mmexit.exits.base import simulate_exits
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.confidence import EntropyRule, MaxProbRule
 
 
@@ -29,7 +30,7 @@ def _logits(rows=2000, seed=0):
 def test_certified_point_has_low_risk_and_order_is_conservative_first():
     logits = _logits()
     rule = MaxProbRule()
-    LTTCalibration(epsilon=0.05, delta=0.1).fit(rule, logits, torch.zeros(2000, dtype=torch.long), [1, 2, 3, 4])
+    LTTCalibration(epsilon=0.05, delta=0.1).fit(rule, ExitStatistics.from_logits(logits, torch.zeros(2000, dtype=torch.long), [1, 2, 3, 4]))
     assert rule.ltt_threshold is not None and rule.threshold == rule.ltt_threshold
     thresholds = [step["threshold"] for step in rule.ltt_trace]
     assert thresholds == sorted(thresholds, reverse=True)
@@ -43,7 +44,7 @@ def test_certified_point_has_low_risk_and_order_is_conservative_first():
 def test_nothing_certified_falls_back_to_full_model():
     logits = _logits(rows=30)
     rule = EntropyRule()
-    LTTCalibration(epsilon=0.001, delta=0.01).fit(rule, logits, torch.zeros(30, dtype=torch.long), [1, 2, 3, 4])
+    LTTCalibration(epsilon=0.001, delta=0.01).fit(rule, ExitStatistics.from_logits(logits, torch.zeros(30, dtype=torch.long), [1, 2, 3, 4]))
     assert rule.ltt_threshold is None and "falls back to the full model" in rule.warning
     assert rule.threshold == -math.inf
     assert simulate_exits(rule, logits).tolist() == [3] * 30

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmexit.config import build_component, load_recipe, validate_recipe
+from mmexit.recipe import build_component, load_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes" / "glue").glob("*.yaml")) + sorted((REPO / "recipes" / "compare").glob("*.yaml"))

@@ -7,7 +7,8 @@ import json
 import torch
 
 from mmexit.calibration.pcee import PCEECalibration
-from mmexit.exits.base import ExitView, simulate_exits
+from mmexit.exits.base import ExitView
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.pcee import PCEERule, bin_edges, bin_index
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from methods_helpers import random_batch, tiny_model
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit.calibration.beem import BEEMCalibration
 from mmexit.calibration.pcee import PCEECalibration
-from mmexit.exits.base import simulate_exits
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.beem import BEEMRule
 from mmexit.exits.confidence import EntropyRule, MaxProbRule, NeverExitRule
 from mmexit.exits.energy import EnergyRule, normalized_energy
@@ -38,9 +39,9 @@ def _rules(model, batch):
     energy = normalized_energy(first)
     calib_logits, calib_labels = _calibration_data(model)
     beem = BEEMRule(threshold=0.05)
-    BEEMCalibration().fit(beem, calib_logits, calib_labels, model.exit_layers)
+    BEEMCalibration().fit(beem, ExitStatistics.from_logits(calib_logits, calib_labels, model.exit_layers))
     beem_c = BEEMRule(threshold=0.1, weights="cost", restart="zero")
-    BEEMCalibration().fit(beem_c, calib_logits, calib_labels, model.exit_layers)
+    BEEMCalibration().fit(beem_c, ExitStatistics.from_logits(calib_logits, calib_labels, model.exit_layers))
     pcee = PCEERule(threshold=0.7, num_bins=4, min_bin_count=5)
     PCEECalibration().fit(pcee, calib_logits, calib_labels, model.exit_layers)
     pcee_iso = PCEERule(threshold=0.7, num_bins=4, min_bin_count=5, binning="equal_width", smoothing="isotonic")

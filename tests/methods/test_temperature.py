@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit.calibration.temperature import TemperatureCalibration, exit_statistics, fit_temperatures
 from mmexit.exits.confidence import MaxProbRule
 
@@ -23,7 +24,7 @@ def test_regression_gets_one_and_component_sets_rule():
     assert fit_temperatures(torch.randn(2, 10, 1), torch.randn(10)) == [1.0, 1.0]
     rule = MaxProbRule()
     logits = torch.randn(2, 50, 3)
-    TemperatureCalibration().fit(rule, logits, torch.randint(0, 3, (50,)), [1, 2])
+    TemperatureCalibration().fit(rule, ExitStatistics.from_logits(logits, torch.randint(0, 3, (50,)), [1, 2]))
     assert len(rule.temperatures) == 2
 
 

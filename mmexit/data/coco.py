@@ -112,22 +112,26 @@ def check_items(items: list[CaptionItem], verify_images: bool = True) -> None:
                                 f"{error.__class__.__name__}") from None
 
 
+def image_tensor(image: Image.Image, image_size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Tensor:
+    """One PIL image -> RGB, resized (bicubic) and normalised: [3, image_size, image_size]."""
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = array.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def load_images(items: list[CaptionItem], image_size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                 std: tuple[float, ...] = (0.5, 0.5, 0.5), progress: bool = False) -> Tensor:
     """Decode, resize and normalise images into one float tensor [N, 3, image_size, image_size]."""
     out = torch.empty(len(items), 3, image_size, image_size)
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
     for index, item in enumerate(tqdm(items, desc="images", disable=not progress)):
         try:
             with Image.open(item.path) as image:
-                image = image.convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BICUBIC)
-                array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+                out[index] = image_tensor(image, image_size, mean, std)
         except Exception as error:
             raise DataError(f"cannot read image {item.path} (image id {item.image_id}): "
                             f"{error.__class__.__name__}") from None
-        pixels = array.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
-        out[index] = (pixels - mean_t) / std_t
     return out

@@ -1,4 +1,4 @@
-"""Per-family adapters: the embedding step, the layer list and one layer call of an HF encoder.
+"""Encoder adapters: the embedding step, the layer list and one layer call of an HF encoder.
 
 mmexit never copies modeling code: it calls the backbone's own embedding module and layer modules
 one at a time, so exits can sit between layers and rows can leave the batch between them. What
@@ -70,24 +70,3 @@ class MPNetAdapter(EncoderAdapter):
     def call_layer(self, index: int, hidden: Tensor, context: LayerContext) -> Tensor:
         output = self.layers[index](hidden, context["mask"], context["position_bias"])
         return output[0] if isinstance(output, tuple) else output
-
-
-ADAPTERS: dict[str, type[EncoderAdapter]] = {
-    family: adapter for adapter in (EncoderAdapter, MPNetAdapter) for family in adapter.families
-}
-
-
-def adapter_for(backbone: nn.Module) -> EncoderAdapter:
-    """The adapter of the backbone's ``config.model_type``, or a clear error."""
-    model_type = getattr(backbone.config, "model_type", "?")
-    if model_type not in ADAPTERS:
-        raise ModelLoadError(
-            f"model.backbone: model type '{model_type}' has no mmexit adapter; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type](backbone)
-
-
-def subset_context(context: LayerContext, keep: Tensor) -> LayerContext:
-    """Keep rows ``keep`` (bool [batch] or indices) of every context tensor."""
-    return {key: value[keep] for key, value in context.items()}
-

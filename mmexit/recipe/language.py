@@ -1,8 +1,8 @@
-"""Recipes: load YAML with OmegaConf, apply ``key=value`` overrides, validate, build components.
+"""The recipe schema language: fields, components and lists, validation, and building components.
 
 A recipe is validated against a schema before any work starts. A schema is a nested dict whose
 leaves are ``Field``s (plain values) or ``Component``s (a dict naming a class, either by a short
-name from ``mmexit.components.COMPONENTS`` or by a dotted ``_target_`` path, plus its keyword
+name from ``mmexit.recipe.components.COMPONENTS`` or by a dotted ``_target_`` path, plus its keyword
 arguments, which are checked against the class's signature). Every problem is raised as one
 ``RecipeError`` line naming the key path and what is allowed.
 """
@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union, get_args, get_origin
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from mmexit.errors import RecipeError
+from mmexit.recipe.components import COMPONENTS
 
 _MISSING = object()
 
@@ -66,6 +64,7 @@ class ListOf:
     required: bool = False
     doc: str = ""
     extra: dict = field(default_factory=dict)
+    check: Optional[Callable[[Any], Optional[str]]] = None
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -86,6 +85,16 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+def _coerce_number(value: Any, types: tuple[type, ...]) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: accept it where a float is expected."""
+    if float in types and str not in types and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def validate(config: Any, schema: Any, path: str = "") -> Any:
     """Return ``config`` with defaults filled in, or raise RecipeError naming the first problem."""
     if isinstance(schema, dict):
@@ -97,6 +106,8 @@ def validate(config: Any, schema: Any, path: str = "") -> Any:
     if isinstance(schema, ListOf):
         if not isinstance(config, list):
             raise RecipeError(f"{path}: expected a list, got {type(config).__name__} {config!r}")
+        if schema.check is not None and schema.check(config):
+            raise RecipeError(f"{path}: {schema.check(config)}")
         return [validate(item, schema.item, f"{path}[{index}]") for index, item in enumerate(config)]
     raise TypeError(f"bad schema node at {path}: {schema!r}")
 
@@ -143,6 +154,7 @@ def _validate_field(value: Any, spec: Field, path: str) -> Any:
         if spec.nullable:
             return None
         raise RecipeError(f"{path}: must be set, expected {_type_names(spec.types)}")
+    value = _coerce_number(value, spec.types)
     if not _type_ok(value, spec.types):
         raise RecipeError(
             f"{path}: expected {_type_names(spec.types)}, got {type(value).__name__} {value!r}"
@@ -168,8 +180,6 @@ def _validate_field(value: Any, spec: Field, path: str) -> Any:
 
 
 def _component_table() -> dict[str, dict[str, str]]:
-    from mmexit.components import COMPONENTS
-
     return COMPONENTS
 
 
@@ -280,61 +290,3 @@ def build_component(
     skip = {"name", "_target_", *reserved}
     arguments = {key: value for key, value in spec.items() if key not in skip}
     return cls(**arguments, **extra)
-
-
-# ------------------------------------------------------------------------------------- loading
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read a YAML recipe, apply ``key=value`` overrides, resolve interpolations; a plain dict.
-
-    Validation against the task's schema is a separate step (``validate_recipe``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file does not exist: {path}")
-    try:
-        config = OmegaConf.load(path)
-    except Exception as error:  # yaml.YAMLError and OmegaConf errors alike
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RecipeError(f"{path}: not a valid YAML recipe: {first_line}") from None
-    for override in overrides or []:
-        if "=" not in override:
-            raise RecipeError(f"override '{override}': expected key=value (e.g. train.epochs=3)")
-        key, _, raw = override.partition("=")
-        try:
-            value = _parse_scalar(raw)
-            OmegaConf.update(config, key.strip(), value, merge=True, force_add=True)
-        except OmegaConfBaseException as error:
-            raise RecipeError(f"override '{override}': {str(error).splitlines()[0]}") from None
-    try:
-        return OmegaConf.to_container(config, resolve=True)
-    except OmegaConfBaseException as error:
-        raise RecipeError(f"{path}: cannot resolve interpolation: {str(error).splitlines()[0]}") from None
-
-
-def _parse_scalar(raw: str) -> Any:
-    """Parse an override value the way YAML would (numbers, booleans, null, lists, strings)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def validate_recipe(recipe: dict) -> dict:
-    """Validate a loaded recipe against the schema of its ``task``; return it with defaults."""
-    from mmexit.schema import schema_for_task
-
-    if not isinstance(recipe, dict):
-        raise RecipeError("recipe: expected a mapping at the top level")
-    schema = schema_for_task(recipe.get("task", "text_classification"))
-    return validate(recipe, schema)
-
-
-def save_recipe(recipe: dict, path: Path) -> None:
-    """Write the resolved recipe as YAML (atomically)."""
-    from mmexit.evaluation.results import atomic_write_text
-
-    atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(recipe)))

@@ -1,0 +1,132 @@
+"""The KV cache mmexit manages for per-token early-exit decoding, for any decoder adapter.
+
+Self-attention K/V are preallocated per layer as [rows, kv_heads, max_len, head_dim]; per-layer
+constants (a captioner's cross-attention K/V of the image) are computed once by the adapter's
+``init_cache_layer`` (None for decoders that have none). Under the ``deferred`` policy the cache
+also holds ``depth`` [rows, max_len] (layers whose K/V are true at each position) and ``waiting``
+[rows, max_len, width] (the hidden state of a position still waiting for deeper layers).
+
+Rows are a batch of sequences (or beams); ``select`` keeps or reorders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class DecoderCache:
+    """Per-layer K/V for ``rows`` sequences of at most ``max_len`` positions."""
+
+    def __init__(self, adapter, features: Tensor, max_len: int, deferred: bool = False) -> None:
+        rows = features.shape[0]
+        shape = (rows, adapter.num_kv_heads, max_len, adapter.head_dim)
+        self.keys = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
+        self.values = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
+        self.constants = [adapter.init_cache_layer(index, features) for index in range(adapter.num_layers)]
+        self.depth: Optional[Tensor] = None
+        self.waiting: Optional[Tensor] = None
+        if deferred:
+            self.depth = torch.full((rows, max_len), adapter.num_layers, dtype=torch.long, device=features.device)
+            self.waiting = features.new_zeros(rows, max_len, adapter.width)
+
+    def select(self, index: Tensor) -> None:
+        """Keep / reorder the cache rows ``index`` (bool mask or long index [rows])."""
+        for store in (self.keys, self.values):
+            for layer, tensor in enumerate(store):
+                store[layer] = tensor[index]
+        self.constants = [None if c is None else tuple(part[index] for part in c) for c in self.constants]
+        if self.depth is not None:
+            self.depth, self.waiting = self.depth[index], self.waiting[index]
+
+    def write_and_read(self, layer: int, rows: Optional[Tensor], t: int, key: Tensor,
+                       value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write K/V [r, kv_heads, hd] at position t of ``rows`` (None = all), return K/V [r, kv_heads, t+1, hd]."""
+        if rows is None:
+            self.keys[layer][:, :, t] = key
+            self.values[layer][:, :, t] = value
+            return self.keys[layer][:, :, : t + 1], self.values[layer][:, :, : t + 1]
+        self.keys[layer][rows, :, t] = key
+        self.values[layer][rows, :, t] = value
+        return self.keys[layer][rows, :, : t + 1], self.values[layer][rows, :, : t + 1]
+
+    def write(self, layer: int, rows: Tensor, positions: Tensor | int, key: Tensor, value: Tensor) -> None:
+        """Write K/V [n, kv_heads, hd] at (rows[n], positions[n])."""
+        self.keys[layer][rows, :, positions] = key
+        self.values[layer][rows, :, positions] = value
+
+    def constant(self, layer: int, rows: Optional[Tensor]):
+        """The layer's constant K/V (e.g. cross-attention) for ``rows`` (None = all), or None."""
+        stored = self.constants[layer]
+        if stored is None or rows is None:
+            return stored
+        return tuple(part[rows] for part in stored)
+
+
+@dataclass
+class ChunkLayout:
+    """Where the positions of one deferred catch-up chunk come from and go to.
+
+    chunk [r, c+1, width]: the waiting positions' hidden states (ascending), then position t;
+    positions [r, c+1]; write [r, c+1] bool (padding slots are not written); mask [r, 1, c+1, t+1]
+    causal mask over the cache; valid [r, c]; past [r, c].
+    """
+
+    cache: DecoderCache
+    row_ids: Tensor
+    t: int
+    chunk: Tensor
+    positions: Tensor
+    write: Tensor
+    valid: Tensor
+    past: Tensor
+    mask: Tensor
+    size: int
+    caught_up: int
+
+    def write_and_read(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the chunk's K/V ([written, kv_heads, hd]), return K/V [r, kv_heads, t+1, hd] of its rows."""
+        r = self.row_ids.shape[0]
+        write_rows = self.row_ids[:, None].expand(r, self.size + 1)[self.write]
+        self.cache.write(layer, write_rows, self.positions[self.write], key, value)
+        return self.cache.keys[layer][self.row_ids, :, : self.t + 1], self.cache.values[layer][self.row_ids, :, : self.t + 1]
+
+    def finish(self, layer: int, chunk: Tensor) -> Tensor:
+        """Store the caught-up positions' new hidden states and depth; return position t's hidden [r, width]."""
+        r, c = self.row_ids.shape[0], self.size
+        done_rows, done_positions = self.row_ids[:, None].expand(r, c)[self.valid], self.past[self.valid]
+        self.cache.waiting[done_rows, done_positions] = chunk[:, :c][self.valid]
+        self.cache.depth[done_rows, done_positions] = layer + 1
+        return chunk[:, c]
+
+
+def chunk_layout(cache: DecoderCache, hidden: Tensor, row_ids: Tensor, t: int, waiting: Tensor) -> ChunkLayout:
+    """Gather position t (hidden [r, width]) and the positions waiting at this layer (waiting [r, t])."""
+    r = hidden.shape[0]
+    device = hidden.device
+    counts = waiting.sum(1)  # [r]
+    c = int(counts.max())
+    order = torch.arange(t, device=device).expand(r, t)
+    order = torch.where(waiting, order, order + t).sort(dim=1).values[:, :c]  # waiting positions first, ascending
+    valid = torch.arange(c, device=device)[None, :] < counts[:, None]  # [r, c]
+    past = torch.where(valid, order, torch.full_like(order, t))  # padding points at t (outputs discarded)
+    positions = torch.cat([past, torch.full((r, 1), t, dtype=torch.long, device=device)], dim=1)  # [r, c+1]
+    chunk = torch.cat([cache.waiting[row_ids[:, None], past], hidden[:, None]], dim=1)  # [r, c+1, width]
+    write = torch.cat([valid, torch.ones(r, 1, dtype=torch.bool, device=device)], dim=1)
+    mask = torch.arange(t + 1, device=device)[None, None, None, :] <= positions[:, None, :, None]
+    return ChunkLayout(cache, row_ids, t, chunk, positions, write, valid, past, mask, c, int(counts.sum()))
+
+
+def propagate(adapter, cache: DecoderCache, exited: list[tuple[Tensor, Tensor, int]], t: int) -> None:
+    """CALM's state propagation: K/V of the layers each exited row skipped at position t, from its
+    exit hidden state. exited: (cache rows [n], hidden [n, width], exit layer number) per exit."""
+    first = min(layer for _, _, layer in exited)
+    for layer in range(first, adapter.num_layers):  # 0-based layer `layer` was skipped by rows with exit <= layer
+        parts = [(rows, hidden) for rows, hidden, exit_layer in exited if exit_layer <= layer]
+        rows = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        hidden = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+        key, value = adapter.project_kv(layer, hidden)
+        cache.write(layer, rows, t, key, value)

@@ -1,0 +1,156 @@
+"""The GPT-2 decoder (with cross-attention to image features) behind mmexit's decoder adapter.
+
+A decoder adapter gives the decoding engine (``mmexit.inference``) everything it needs to run a
+decoder one layer and one new position at a time against a KV cache that mmexit manages:
+- ``embed(tokens, positions)``, ``final_norm``, ``lm_head``, ``layer(index, hidden, features)``
+  (teacher-forced, whole sequences; transformers' own block);
+- ``init_cache_layer(features)``: per-layer constant K/V (here: cross-attention K/V of the image);
+- ``step(index, hidden, cache, rows, t)``: one new position through one layer;
+- ``chunk(index, hidden, cache, row_ids, t, waiting)``: the new position plus earlier positions
+  waiting at this layer, as one causal chunk (the deferred policy);
+- ``project_kv(index, hidden)``: K/V of a layer computed from a hidden state (state propagation).
+The block maths calls the block's own modules (``ln_1``, ``attn.c_attn``, ``crossattention``,
+``mlp``); nothing of transformers is copied. A LLaMA-family decoder is one more such class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmexit.errors import ModelLoadError
+from mmexit.inference.kv_cache import DecoderCache, chunk_layout
+
+
+def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,
+                       **config: Any) -> nn.Module:
+    """GPT2LMHeadModel with cross-attention: random init from a GPT2Config, or hub/local weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if pretrained:
+        try:
+            decoder = GPT2LMHeadModel.from_pretrained(pretrained, add_cross_attention=True,
+                                                      attn_implementation="sdpa")
+        except Exception as error:
+            message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+            raise ModelLoadError(f"GPT-2 decoder {pretrained!r} cannot be loaded (offline?): {message}") from None
+        if decoder.config.vocab_size != vocab_size:
+            decoder.resize_token_embeddings(vocab_size)
+        return decoder
+    ids = {f"{key}_token_id": value for key, value in (special_ids or {}).items()}
+    gpt2_config = GPT2Config(vocab_size=vocab_size, add_cross_attention=True, attn_implementation="sdpa",
+                             **ids, **config)
+    return GPT2LMHeadModel(gpt2_config)
+
+
+class GPT2DecoderAdapter:
+    """GPT-2 blocks: pre-norm self-attention (fused ``c_attn``), cross-attention, MLP."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+        config = decoder.config
+        self.width = config.n_embd
+        self.num_heads = self.num_kv_heads = config.n_head
+        self.head_dim = self.width // self.num_heads
+        self.vocab_size = config.vocab_size
+        self.layer_norm_epsilon = config.layer_norm_epsilon
+
+    # ------------------------------------------------------------------ pieces both paths read
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.decoder.transformer.h
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token + position embeddings; tokens [...], positions broadcastable -> [..., width]."""
+        transformer = self.decoder.transformer
+        return transformer.wte(tokens) + transformer.wpe(positions)
+
+    def embed_dropout(self, hidden: Tensor) -> Tensor:
+        return self.decoder.transformer.drop(hidden)
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.decoder.transformer.ln_f(hidden)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.decoder.lm_head(hidden)
+
+    def layer(self, index: int, hidden: Tensor, features: Tensor) -> Tensor:
+        """Teacher-forced block ``index``: hidden [B, T, width] -> [B, T, width] (causal, sdpa, no mask)."""
+        return self.blocks[index](hidden, None, None, features)
+
+    # ---------------------------------------------------------------- cached one-position maths
+    def init_cache_layer(self, index: int, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention K/V of layer ``index`` from features [rows, patches, width]: 2 x [rows, heads, patches, hd]."""
+        key, value = self.blocks[index].crossattention.c_attn(features).split(self.width, dim=-1)
+        return self._heads(key), self._heads(value)
+
+    def _heads(self, tensor: Tensor) -> Tensor:
+        rows, patches, _ = tensor.shape
+        return tensor.view(rows, patches, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
+
+    def step(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Optional[Tensor], t: int) -> Tensor:
+        """Layer ``index`` for one new position t; hidden [r, width]; rows: cache rows of hidden (None = all)."""
+        block = self.blocks[index]
+        r, width = hidden.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        attention = block.attn
+        query, key, value = attention.c_attn(block.ln_1(hidden)).split(width, dim=-1)
+        keys, values = cache.write_and_read(index, rows, t, key.view(r, heads, head_dim), value.view(r, heads, head_dim))
+        out = F.scaled_dot_product_attention(query.view(r, heads, 1, head_dim), keys, values, scale=attention.scaling)
+        hidden = hidden + attention.c_proj(out.reshape(r, width))  # [r, heads, 1, hd] -> [r, width]
+        cross_keys, cross_values = cache.constant(index, rows)
+        cross = block.crossattention
+        query = cross.q_attn(block.ln_cross_attn(hidden)).view(r, heads, 1, head_dim)
+        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
+        hidden = hidden + cross.c_proj(out.reshape(r, width))
+        return hidden + block.mlp(block.ln_2(hidden))
+
+    def chunk(self, index: int, hidden: Tensor, cache: DecoderCache, row_ids: Tensor, t: int,
+              waiting: Tensor) -> tuple[Tensor, int]:
+        """Layer ``index`` for position t plus the positions waiting at this layer, as one causal chunk.
+
+        hidden [r, width] (position t); row_ids [r] cache rows; waiting [r, t] bool. Their K/V at this
+        layer are written, their hidden states and depth advance by one layer.
+        Returns (hidden of position t [r, width], positions caught up).
+        """
+        block = self.blocks[index]
+        layout = chunk_layout(cache, hidden, row_ids, t, waiting)
+        chunk, r, c = layout.chunk, hidden.shape[0], layout.size
+        width, heads, head_dim = self.width, self.num_heads, self.head_dim
+        attention = block.attn
+        query, key, value = attention.c_attn(block.ln_1(chunk)).split(width, dim=-1)  # [r, c+1, width]
+        keys, values = layout.write_and_read(index, key[layout.write].view(-1, heads, head_dim),
+                                             value[layout.write].view(-1, heads, head_dim))
+        query = query.view(r, c + 1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.mask, scale=attention.scaling)
+        chunk = chunk + attention.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
+        cross = block.crossattention
+        cross_keys, cross_values = cache.constant(index, row_ids)
+        query = cross.q_attn(block.ln_cross_attn(chunk)).view(r, c + 1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
+        chunk = chunk + cross.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
+        chunk = chunk + block.mlp(block.ln_2(chunk))
+        return layout.finish(index, chunk), layout.caught_up
+
+    def project_kv(self, index: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """K/V of layer ``index`` from hidden [n, width] (no attention, no MLP): 2 x [n, heads, hd]."""
+        block = self.blocks[index]
+        projection = block.attn.c_attn  # Conv1D: x @ weight + bias, weight [width, 3 * width]
+        width = self.width
+        key_value = torch.addmm(projection.bias[width:], block.ln_1(hidden), projection.weight[:, width:])
+        key, value = key_value.split(width, dim=-1)
+        n = hidden.shape[0]
+        return key.view(n, self.num_heads, self.head_dim), value.view(n, self.num_heads, self.head_dim)
+
+    def architecture(self) -> dict:
+        """The GPT2Config keys that rebuild this decoder's shape (saved with a trained captioner)."""
+        return {k: v for k, v in self.decoder.config.to_dict().items()
+                if k in ("n_layer", "n_embd", "n_head", "n_positions", "n_inner", "layer_norm_epsilon",
+                         "activation_function")}

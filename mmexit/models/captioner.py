@@ -1,0 +1,178 @@
+"""The multi-exit captioner: an image encoder + a decoder with exits after chosen decoder layers.
+
+Wrap, don't fork: the encoder is ``timm.create_model`` (or Hugging Face ``ViTModel``), see
+``mmexit.models.adapters.vision``; the decoder is transformers' ``GPT2LMHeadModel`` built with
+``add_cross_attention=True``, driven through ``mmexit.models.adapters.gpt2``. mmexit adds a linear
+projection from the encoder width to the decoder width and exits after a list of decoder layers.
+
+Exit heads (``exit_head``):
+- ``shared`` (default): the decoder's final layer norm ``ln_f`` and the shared (tied) LM head,
+  applied to the hidden state after the exit's layer. No new parameters.
+- ``norm``: a learned LayerNorm per internal exit (initialised from ``ln_f``) + the shared LM head.
+- ``adapter``: a per-exit residual linear adapter (zero-initialised) before ``ln_f`` + LM head.
+The last exit is always the decoder's own ``ln_f`` + LM head (the full model).
+
+A spec dict (``captioner.json``) rebuilds the architecture; weights live in ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import torch
+from torch import Tensor, nn
+
+from mmexit.errors import ModelLoadError, RecipeError
+from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
+from mmexit.models.adapters.vision import build_image_encoder
+
+EXIT_HEADS = ("shared", "norm", "adapter")
+
+
+class ExitAdapter(nn.Module):
+    """h + W h (W zero-initialised): a per-exit correction before the shared head."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.linear(hidden)
+
+
+class Captioner(nn.Module):
+    """Encoder -> projection -> GPT-2 decoder with exits after ``exits`` (1-based layer numbers)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, exits: list[int], exit_head: str = "shared",
+                 spec: dict | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.adapter = GPT2DecoderAdapter(decoder)
+        self.spec = spec or {}
+        width = self.adapter.width
+        self.num_layers = self.adapter.num_layers
+        exits = sorted(set(int(e) for e in exits))
+        if not exits or exits[0] < 1 or exits[-1] > self.num_layers:
+            raise RecipeError(f"model.exits: layer numbers must be in 1..{self.num_layers}, got {exits}")
+        if exits[-1] != self.num_layers:
+            exits.append(self.num_layers)
+        self.exits = exits
+        if exit_head not in EXIT_HEADS:
+            raise RecipeError(f"model.exit_head: {exit_head!r} is not allowed; allowed: {', '.join(EXIT_HEADS)}")
+        self.exit_head = exit_head
+        self.projection = nn.Linear(encoder.width, width)
+        internal = len(exits) - 1
+        if exit_head == "norm":
+            self.exit_modules = nn.ModuleList(nn.LayerNorm(width, eps=self.adapter.layer_norm_epsilon)
+                                              for _ in range(internal))
+            for norm in self.exit_modules:
+                norm.load_state_dict(decoder.transformer.ln_f.state_dict())
+        elif exit_head == "adapter":
+            self.exit_modules = nn.ModuleList(ExitAdapter(width) for _ in range(internal))
+        else:
+            self.exit_modules = nn.ModuleList()
+
+    # ------------------------------------------------------------------ parts the decoders read
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return self.exits
+
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.vocab_size
+
+    def head_kind(self, parameter_name: str) -> str | None:
+        """"internal" for a parameter of an internal exit's head, None for the rest (the backbone;
+        the final head is the decoder's own ln_f + LM head). Two-stage training reads this."""
+        return "internal" if parameter_name.startswith("exit_modules.") else None
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images [batch, 3, H, W] -> decoder-width image features [batch, patches, n_embd]."""
+        return self.projection(self.encoder(images))
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token + position embeddings; tokens [...], positions broadcastable -> [..., width]."""
+        return self.adapter.embed(tokens, positions)
+
+    def exit_logits(self, exit_index: int, hidden: Tensor) -> Tensor:
+        """Exit ``exit_index``'s logits [..., vocab] from the hidden state [..., width] after its layer."""
+        if exit_index < len(self.exit_modules):
+            module = self.exit_modules[exit_index]
+            hidden = module(hidden) if self.exit_head == "norm" else self.adapter.final_norm(module(hidden))
+        else:
+            hidden = self.adapter.final_norm(hidden)
+        return self.adapter.lm_head(hidden)
+
+    def forward_exits(self, features: Tensor, input_ids: Tensor) -> Tensor:
+        """Teacher-forced logits of every exit.
+
+        features [batch, patches, width]; input_ids [batch, seq] (right-padded; causal attention
+        keeps real positions from seeing the padding). Returns [num_exits, batch, seq, vocab].
+        """
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.adapter.embed_dropout(self.embed(input_ids, positions))
+        outputs, exit_position = [], 0
+        for layer in range(1, self.num_layers + 1):
+            hidden = self.adapter.layer(layer - 1, hidden, features)
+            if layer == self.exits[exit_position]:
+                outputs.append(self.exit_logits(exit_position, hidden))
+                exit_position += 1
+        return torch.stack(outputs)
+
+    def forward(self, images: Tensor, input_ids: Tensor, final_only: bool = False) -> Tensor:
+        """Training entry point (losses call ``model(...)`` so DDP wrappers see the forward).
+
+        images [batch, 3, H, W]; input_ids [batch, seq]. Returns [num_exits, batch, seq, vocab]
+        (``final_only``: [1, batch, seq, vocab], the last exit only).
+        """
+        logits = self.forward_exits(self.encode(images), input_ids)
+        return logits[-1:] if final_only else logits
+
+
+def build_captioner(spec: dict) -> Captioner:
+    """Build from a spec: {encoder: {type, name, pretrained, kwargs}, decoder: {pretrained, config},
+    vocab_size, special_ids: {bos, eos, pad}, exits, exit_head}."""
+    encoder = build_image_encoder(spec["encoder"])
+    decoder_spec = spec["decoder"]
+    decoder = build_gpt2_decoder(spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
+                            **(decoder_spec.get("config") or {}))
+    exits = spec.get("exits", "all")
+    if exits == "all":
+        exits = list(range(1, decoder.config.n_layer + 1))
+    return Captioner(encoder, decoder, list(exits), spec.get("exit_head", "shared"), spec=spec)
+
+
+def save_captioner(model: Captioner, folder: str | Path) -> None:
+    """Write ``captioner.json`` (the spec, with pretrained weights switched off) + ``model.safetensors``."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(model.spec))
+    spec["encoder"]["pretrained"] = False
+    spec["decoder"]["pretrained"] = None
+    if model.spec["decoder"].get("pretrained"):  # keep the architecture of the hub model
+        spec["decoder"]["config"] = model.adapter.architecture()
+    spec["exits"] = model.exits
+    (folder / "captioner.json").write_text(json.dumps(spec, indent=2))
+    save_model(model, str(folder / "model.safetensors"))
+
+
+def load_captioner(folder: str | Path) -> Captioner:
+    """Rebuild a captioner saved by ``save_captioner``."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    if not (folder / "captioner.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ModelLoadError(f"{folder}: not an mmexit captioner folder (needs captioner.json and model.safetensors)")
+    spec = json.loads((folder / "captioner.json").read_text())
+    model = build_captioner(spec)
+    load_model(model, str(folder / "model.safetensors"))
+    return model

@@ -1,0 +1,105 @@
+"""``mmexit predict RUN_DIR --text TEXT | --input FILE.jsonl|.tsv|.txt|IMAGE_FOLDER [--output OUT.jsonl]``.
+
+Writes one JSON line per input (stdout, or ``--output`` atomically). Text inputs: ``--text`` (may
+repeat; ``--text-pair`` for pair tasks), a JSONL file of ``{"text": ..., "text_pair": ...}`` rows,
+a TSV with a header naming ``text`` (and ``text_pair``) columns, or a plain text file of one text
+per line. Image inputs: ``--image`` (may repeat) or a folder of images (``.jpg``, ``.jpeg``, ``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from mmexit.errors import DataError, MMExitError
+from mmexit.files import atomic_write_text
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def read_text_inputs(path: Path) -> list:
+    """Texts (or {"text", "text_pair"} dicts) from a .jsonl, .tsv or one-per-line text file."""
+    if not path.is_file():
+        raise DataError(f"--input: file does not exist: {path}")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if isinstance(row, str) or (isinstance(row, dict) and isinstance(row.get("text"), str)):
+                rows.append(row)
+            else:
+                raise DataError(f"{path}:{number}: expected a string or an object with a \"text\" string")
+        return rows
+    if path.suffix == ".tsv":
+        reader = csv.DictReader(content.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not reader.fieldnames or "text" not in reader.fieldnames:
+            raise DataError(f"{path}:1: the header must name a 'text' column (and optionally 'text_pair')")
+        return [{"text": row["text"], "text_pair": row.get("text_pair")} for row in reader]
+    return [line for line in content.splitlines() if line.strip()]
+
+
+def image_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"--input: no such file or folder: {path}")
+
+
+def predict_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmexit predict", description="Run a trained mmexit run on new inputs.")
+    parser.add_argument("run_dir", help="a trained run's output folder")
+    parser.add_argument("--text", action="append", default=[], help="a text to classify (may repeat)")
+    parser.add_argument("--text-pair", action="append", default=[], help="second text of a pair (per --text)")
+    parser.add_argument("--image", action="append", default=[], help="an image to caption (may repeat)")
+    parser.add_argument("--input", help="a .jsonl/.tsv/.txt file of texts, or a folder of images")
+    parser.add_argument("--output", help="write JSON lines here instead of stdout")
+    parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9, pcee@0.85 or full (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    args = parser.parse_args(argv)
+    try:
+        from mmexit.serve.predictor import load
+
+        predictor = load(args.run_dir, rule=args.rule, device=args.device)
+        if predictor.task == "captioning":
+            images = [Path(p) for p in args.image] + (image_inputs(Path(args.input)) if args.input else [])
+            if not images:
+                raise DataError("give --image PATH or --input IMAGE_FOLDER")
+            results = [{"image": str(path), **result} for path, result in
+                       zip(images, predictor.caption(images, batch_size=args.batch_size))]
+        else:
+            if args.text_pair and len(args.text_pair) != len(args.text):
+                raise DataError("--text-pair: give one per --text")
+            texts = [{"text": t, "text_pair": p} for t, p in zip(args.text, args.text_pair)] if args.text_pair \
+                else list(args.text)
+            if args.input:
+                texts += read_text_inputs(Path(args.input))
+            if not texts:
+                raise DataError("give --text TEXT or --input FILE")
+            results = predictor.predict(texts, batch_size=args.batch_size)
+            results = [{"text": t if isinstance(t, str) else t["text"], **r} for t, r in zip(texts, results)]
+    except MMExitError as error:
+        print(f"mmexit: error: {error}", file=sys.stderr)
+        return error.exit_code
+    lines = "".join(json.dumps({"operating_point": predictor.operating_point, **r}) + "\n" for r in results)
+    if args.output:
+        atomic_write_text(Path(args.output), lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
