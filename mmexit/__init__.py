@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def load(run_dir, rule=None, device=None):
     """A trained run folder -> a predictor (see ``mmexit.serve.predictor``)."""
-    from mmexit.serve.predictor import load as load_run
+    from mmexit.serve.load import load as load_run
 
     return load_run(run_dir, rule=rule, device=device)

@@ -36,3 +36,27 @@ def test_quickstart_reduced(tmp_path, monkeypatch):
             assert list(row["exit_histogram"]) == ["1", "2", "3", "4", "5", "6"]
     assert (out / "speed_accuracy.png").stat().st_size > 1000
     assert "| full | full | test |" in (out / "results.md").read_text()
+
+    # the trained run is a product: mmexit.load agrees with the run's own test predictions
+    import mmexit
+
+    predictor = mmexit.load(out, device="cpu")
+    points = json.loads((out / "operating_points.json").read_text())
+    assert predictor.operating_point == points["default"] == points["points"][0]["key"]
+    lines = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(lines) == 64 and all("text" in line for line in lines)
+    for entry in points["points"]:
+        chosen = mmexit.load(out, rule=entry["key"], device="cpu")
+        results = chosen.predict([line["text"] for line in lines], batch_size=32)
+        assert [r["label_index"] for r in results] == [line[entry["key"]]["prediction"] for line in lines]
+        assert [r["exit_layer"] for r in results] == [line[entry["key"]]["exit_layer"] for line in lines]
+        assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 and r["label"] in ("negative", "positive") for r in results)
+    full = mmexit.load(out, rule="full", device="cpu").predict([line["text"] for line in lines[:8]])
+    assert [r["label_index"] for r in full] == [line["full"] for line in lines[:8]]
+    assert {r["exit_layer"] for r in full} == {6}
+    # the CLI writes the same as JSON lines
+    code = main(["predict", str(out), "--text", lines[0]["text"], "--output", str(tmp_path / "p.jsonl")])
+    assert code == 0
+    written = json.loads((tmp_path / "p.jsonl").read_text())
+    assert written["operating_point"] == predictor.operating_point
+    assert written["label_index"] == lines[0][predictor.operating_point]["prediction"]

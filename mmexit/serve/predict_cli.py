@@ -74,7 +74,7 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        from mmexit.serve.predictor import load
+        from mmexit.serve.load import load
 
         predictor = load(args.run_dir, rule=args.rule, device=args.device)
         if predictor.task == "captioning":

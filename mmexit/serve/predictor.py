@@ -1,4 +1,4 @@
-"""A trained run as a product: ``mmexit.load(run_dir)`` -> model + processor + calibrated rule at a point.
+"""The predictor base: a trained run folder read back, with its calibrated rule at an operating point.
 
 The run folder holds what a predictor needs: ``recipe.yaml`` (task, max length, decoding
 settings), ``model/`` (weights and tokenizer), ``calibration.json`` (each rule's calibrated
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -24,7 +24,7 @@ from mmexit.exits.base import ExitRule
 from mmexit.exits.confidence import NeverExitRule
 from mmexit.recipe.language import build_component, validate_component
 from mmexit.recipe.loading import load_recipe
-from mmexit.recipe.tasks import task_for, validate_recipe
+from mmexit.recipe.tasks import validate_recipe
 from mmexit.stages import CALIBRATION_FILE, OPERATING_POINTS_FILE, build_rules
 
 RuleChoice = Union[None, str, dict]
@@ -123,18 +123,3 @@ def _load_calibration_lenient(folder: Path, rules: list) -> None:
         state = saved.get(str(index))
         if state and state["rule"] == rule.name:
             rule.load_calibration_state(state["state"])
-
-
-def load(run_dir: Union[str, Path], rule: RuleChoice = None, device: Optional[str] = None) -> Any:
-    """A trained run folder -> ``TextPredictor`` or ``CaptionPredictor`` (see the module doc)."""
-    folder, recipe = read_run(run_dir)
-    device = device or default_device()
-    chosen, key = resolve_rule(folder, recipe, rule)
-    model, processor = task_for(recipe["task"]).load_for_inference(folder, recipe, device)
-    if recipe["task"] == "captioning":
-        from mmexit.serve.caption_predictor import CaptionPredictor
-
-        return CaptionPredictor(folder, recipe, model, processor, chosen, key, device)
-    from mmexit.serve.text_predictor import TextPredictor
-
-    return TextPredictor(folder, recipe, model, processor, chosen, key, device)

@@ -91,6 +91,18 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     assert all("CIDEr" in r["metrics"] for r in rows)
     predictions = json.loads((out / "predictions/full_test.json").read_text())
     assert len(predictions) == 12 and {"image_id", "caption"} <= set(predictions[0])
+    # the trained run is a product: mmexit.load(run).caption agrees with the run's test predictions
+    import mmexit
+
+    lines = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    points = json.loads((out / "operating_points.json").read_text())["points"]
+    images = [out.parent / "scenes" / "images" / "test" / line["image"] for line in lines]
+    for entry in points:
+        predictor = mmexit.load(out, rule=entry["key"], device="cpu")
+        results = predictor.caption(images, batch_size=recipe["evaluate"]["batch_size"])
+        assert [r["caption"] for r in results] == [line[entry["key"]]["caption"] for line in lines]
+        assert [r["layers"] for r in results] == [line[entry["key"]]["layers"] for line in lines]
+    assert mmexit.load(out, device="cpu").operating_point == points[0]["key"]
     # evaluate again from the saved model and calibration, without training
     again = run_validated(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"], overwrite=True)))
     assert [r["rule"] for r in again] == [r["rule"] for r in rows]
