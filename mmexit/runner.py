@@ -11,6 +11,7 @@ checked before the first write, and writes go through temporary files and rename
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ from typing import Optional
 from mmexit.errors import MMExitError, RecipeError
 
 RESULT_FILES = ("results.json", "rows.json", "model/mmexit_model.json", "model/captioner.json",
-                "model/model.safetensors", "calibration.json")
+                "model/model.safetensors", "calibration.json", "run_manifest.json")
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -87,12 +88,15 @@ def run_validated(recipe: dict) -> list[dict]:
     """Run a validated recipe (see ``run_recipe``); returns the result rows."""
     from accelerate.utils import set_seed
 
+    from mmexit import run_folder
     from mmexit.recipe.loading import save_recipe
     from mmexit.recipe.tasks import task_for
     from mmexit.stages import run_stages
     from mmexit.tasks.base import Run
 
     output_dir = Path(recipe["run"]["output_dir"])
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"run.output_dir: {output_dir} exists and is not a folder")
     check_output_dir(output_dir, recipe["run"]["overwrite"])
     set_seed(recipe["run"]["seed"])
     accelerator = make_accelerator(recipe, output_dir)
@@ -103,16 +107,82 @@ def run_validated(recipe: dict) -> list[dict]:
     task.check_rules(recipe, run.data)
     model, run.processor = task.build_model(run)
     run.model = model.to(accelerator.device)
-    if accelerator.is_main_process:
-        save_recipe(recipe, output_dir / "recipe.yaml")
+    trains = "train" in recipe["run"]["stages"]
+    run.checkpointing = checkpointing_for(recipe, output_dir) if trains else None
+    run_id = broadcast_run_id(accelerator)
+    if accelerator.is_main_process:  # every input is checked: now the folder (writable, room for the model)
+        run.write_dir = run_folder.prepare(output_dir, run_id)
+        parameters = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        copies = 1 + (4 * run.checkpointing.keep if run.checkpointing and run.checkpointing.every else 0)
+        if trains:
+            run_folder.check_free_space(output_dir, parameters * copies, "the model" + (
+                " and its checkpoints" if copies > 1 else ""))
+        save_recipe(recipe, run.write_dir / "recipe.yaml")
+    else:
+        run.write_dir = output_dir / f".staging-{run_id}"
     if accelerator.trackers == [] and recipe["run"]["log_with"] != "none":
         try:
             accelerator.init_trackers(recipe["run"]["name"])
         except Exception:  # a tracker that fails must not stop the run
             pass
-    rows = run_stages(run)
+    with preemption_signal():
+        rows = run_stages(run)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run_folder.publish(run.write_dir, output_dir, run_id, trained=trains)
     accelerator.end_training()
     return rows
+
+
+def broadcast_run_id(accelerator) -> str:
+    """One run id for every process (the main process draws it)."""
+    from accelerate.utils import broadcast_object_list
+
+    from mmexit.run_folder import new_run_id
+
+    holder = [new_run_id() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(holder)
+    return holder[0]
+
+
+def checkpointing_for(recipe: dict, output_dir: Path):
+    """The run's Checkpointing (None when it neither checkpoints nor resumes)."""
+    from mmexit.training.checkpoints import Checkpointing, clean_incomplete, complete_checkpoints
+
+    run_cfg = recipe["run"]
+    resume = run_cfg["resume"]
+    folder = output_dir / "checkpoints"
+    if not run_cfg["checkpoint_every"] and resume is False:
+        return None
+    clean_incomplete(folder)
+    found = complete_checkpoints(folder)
+    if resume is True and not found:
+        raise RecipeError(f"run.resume: no complete checkpoint in {folder} (use run.resume=auto to start fresh)")
+    start = found[-1] if found and resume in (True, "auto") else None
+    if start is None and found:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh run: earlier checkpoints are not its own
+    return Checkpointing(folder, run_cfg["checkpoint_every"], run_cfg["keep_checkpoints"], start)
+
+
+@contextlib.contextmanager
+def preemption_signal():
+    """SIGTERM during the run asks training to checkpoint and stop (a cluster's preemption)."""
+    import signal
+    import threading
+
+    from mmexit.training.trainer import request_preemption
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, request_preemption)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_libraries() -> None:
@@ -151,6 +221,10 @@ def run_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("mmexit: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a full disk, a folder gone read-only: the output folder is left as it was
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"mmexit: error: cannot write the run's files: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     if rows:
         from mmexit.recipe.loading import load_recipe
 

@@ -57,7 +57,7 @@ def calibrate(run: Run, rules: list[tuple[dict, ExitRule]], stats: ExitStatistic
             calibration.fit(rule, stats)
         saved["rules"][str(index)] = {"rule": rule.name, "state": rule.calibration_state()}
     if run.accelerator.is_main_process:
-        atomic_write_text(run.output_dir / CALIBRATION_FILE, json.dumps(saved, indent=2, default=_json))
+        atomic_write_text(run.write_dir / CALIBRATION_FILE, json.dumps(saved, indent=2, default=_json))
     return saved
 
 
@@ -89,11 +89,11 @@ def save_operating_points(run: Run, rules: list[tuple[dict, ExitRule]], chosen: 
         entries.append({"index": index, "rule": rule.name, "threshold": chosen[index], "key": point.describe(),
                         "spec": {k: v for k, v in spec.items() if k not in RULE_RESERVED}})
     payload = {"default": entries[0]["key"] if entries else None, "points": entries}
-    atomic_write_text(run.output_dir / OPERATING_POINTS_FILE, json.dumps(payload, indent=2, default=_json))
+    atomic_write_text(run.write_dir / OPERATING_POINTS_FILE, json.dumps(payload, indent=2, default=_json))
 
 
 def write_predictions(run: Run, split: str, lines: list[dict]) -> None:
-    atomic_write_text(run.output_dir / f"predictions_{split}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    atomic_write_text(run.write_dir / f"predictions_{split}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
 
 
 def run_stages(run: Run) -> list[dict]:
@@ -103,8 +103,8 @@ def run_stages(run: Run) -> list[dict]:
     if "train" in stages:
         history = run.task.train(run)
         if main:
-            run.task.save_model(run, run.output_dir / "model")
-            atomic_write_text(run.output_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            run.task.save_model(run, run.write_dir / "model")
+            atomic_write_text(run.write_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     run.model.eval()
     rows: list[dict] = []
     if "calibrate" in stages or "evaluate" in stages:
@@ -115,19 +115,24 @@ def run_stages(run: Run) -> list[dict]:
         else:
             source = run.output_dir if (run.output_dir / CALIBRATION_FILE).is_file() else _trained_folder(run)
             load_calibration(source, rules)
+            if main and (source / CALIBRATION_FILE).is_file():  # the run's results depend on it: keep it with them
+                atomic_write_text(run.write_dir / CALIBRATION_FILE, (source / CALIBRATION_FILE).read_text())
         if "evaluate" in stages:
             evaluation = run.task.evaluate(run, rules, stats)
             rows = evaluation.rows
             if main:
                 write_predictions(run, run.recipe["evaluate"].get("split", "test"), evaluation.predictions)
                 save_operating_points(run, rules, evaluation.chosen)
-                atomic_write_text(run.output_dir / "rows.json", json.dumps(rows, indent=2, default=_json))
+                atomic_write_text(run.write_dir / "rows.json", json.dumps(rows, indent=2, default=_json))
     if "report" in stages and main:
-        if not rows and (run.output_dir / "rows.json").exists():
-            rows = json.loads((run.output_dir / "rows.json").read_text())
+        if not rows and (run.output_dir / "rows.json").exists():  # a report-only run: the last run's rows
+            for name in ("rows.json", "examples.md"):
+                if (run.output_dir / name).is_file():
+                    atomic_write_text(run.write_dir / name, (run.output_dir / name).read_text())
+            rows = json.loads((run.write_dir / "rows.json").read_text())
         if rows:
-            paths = write_results(run.output_dir, run.recipe, rows, machine_info(), run.task.title(run))
-            examples = run.output_dir / "examples.md"
+            paths = write_results(run.write_dir, run.recipe, rows, machine_info(), run.task.title(run))
+            examples = run.write_dir / "examples.md"
             if examples.is_file():
                 atomic_write_text(paths["markdown"], paths["markdown"].read_text() + "\n" + examples.read_text())
     return rows

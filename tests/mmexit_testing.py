@@ -27,3 +27,30 @@ def random_batch(batch: int = 32, seq: int = 16, seed: int = 1):
     lengths = torch.randint(3, seq + 1, (batch,), generator=generator)
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     return ids * mask, mask
+
+
+TINY_RECIPE = """
+task: text_classification
+run: {output_dir: OUT, name: t, log_with: none}
+model: {backbone: "tiny:bert", max_length: 32}
+data: {source: glue_tsv, task: sst2, path: GLUE, max_train_samples: 16, max_eval_samples: 16}
+train: {epochs: 1, batch_size: 8}
+evaluate: {rules: [{name: maxprob}], timing_batch_sizes: [8], timing_samples: 8, timing_repeats: 1}
+"""
+
+
+def make_glue(root: Path, rows: int = 40) -> Path:
+    """A tiny SST-2 folder in the GLUE TSV layout under ``root``; returns the GLUE root."""
+    folder = root / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    lines = [f"{'good film' if i % 2 else 'bad film'} number {i} \t{i % 2}\n" for i in range(rows)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "".join(lines))
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(lines[:20]))
+    return root / "glue"
+
+
+def tiny_recipe(root: Path, glue: Path, extra: str = "", name: str = "recipe.yaml") -> Path:
+    """A tiny text recipe (tiny:bert, SST-2 rows) writing into ``root/out``."""
+    path = root / name
+    path.write_text(TINY_RECIPE.replace("OUT", str(root / "out")).replace("GLUE", str(glue)) + extra)
+    return path

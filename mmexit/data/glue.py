@@ -9,7 +9,7 @@ A malformed row raises DataError naming the file and line.
 from __future__ import annotations
 
 import csv
-import sys
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,7 +17,6 @@ from typing import Optional
 from mmexit.data.examples import TextExample, TextTask, deterministic_split, limit
 from mmexit.errors import DataError
 
-csv.field_size_limit(sys.maxsize)
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,10 @@ class GlueFormat:
     primary: str = "accuracy"
     hub_columns: tuple[str, Optional[str]] = ("sentence", None)
 
+
+#: longest text accepted in a data row (characters); the csv module's field limit is set to it
+MAX_TEXT_CHARS = 100_000
+csv.field_size_limit(MAX_TEXT_CHARS + 1)
 
 GLUE_FORMATS: dict[str, GlueFormat] = {
     "sst2": GlueFormat("SST-2", 0, None, 1, ("0", "1")),
@@ -58,19 +61,31 @@ def read_glue_tsv(path: Path, spec: GlueFormat) -> list[TextExample]:
     if not path.is_file():
         raise DataError(f"{path}: GLUE file not found (expected the original GLUE TSV layout)")
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as stream:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); save the file as UTF-8") from None
+    with io.StringIO(text, newline="") as stream:
         reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
         header_columns = None
-        for line_number, row in enumerate(reader, start=1):
-            if line_number == 1 and spec.header:
-                header_columns = len(row)
-                continue
-            if not row or row == [""]:
-                continue
-            needed = max(spec.text_a, spec.text_b or 0, spec.label if spec.label >= 0 else 0) + 1
-            if len(row) < needed or (header_columns and len(row) != header_columns):
-                raise DataError(f"{path}:{line_number}: expected {header_columns or needed} tab-separated columns, found {len(row)}")
-            examples.append(_example(row, spec, path, line_number))
+        line_number = 0
+        try:
+            for line_number, row in enumerate(reader, start=1):
+                if line_number == 1 and spec.header:
+                    header_columns = len(row)
+                    continue
+                if not row or row == [""]:
+                    continue
+                needed = max(spec.text_a, spec.text_b or 0, spec.label if spec.label >= 0 else 0) + 1
+                if len(row) < needed or (header_columns and len(row) != header_columns):
+                    raise DataError(f"{path}:{line_number}: expected {header_columns or needed} tab-separated "
+                                    f"columns, found {len(row)}")
+                examples.append(_example(row, spec, path, line_number))
+        except csv.Error as error:
+            raise DataError(f"{path}:{line_number + 1}: {error} (a row longer than {MAX_TEXT_CHARS:,} "
+                            "characters, or a malformed line)") from None
     if not examples:
         raise DataError(f"{path}: no data rows")
     return examples
@@ -88,6 +103,10 @@ def _example(row: list[str], spec: GlueFormat, path: Path, line_number: int) -> 
         except ValueError:
             raise DataError(f"{path}:{line_number}: score {raw!r} is not a number") from None
     text_b = row[spec.text_b] if spec.text_b is not None else None
+    for text in (row[spec.text_a], text_b or ""):
+        if len(text) > MAX_TEXT_CHARS:
+            raise DataError(f"{path}:{line_number}: a text of {len(text):,} characters (at most "
+                            f"{MAX_TEXT_CHARS:,}; longer inputs are cut to model.max_length tokens anyway)")
     return TextExample(row[spec.text_a], text_b, label)
 
 

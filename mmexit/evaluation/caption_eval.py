@@ -122,7 +122,7 @@ def evaluate_captioning(task, run: Run, rules: list[tuple[dict, ExitRule]]) -> E
         chosen[index] = choice.point
         points.append((rule.with_threshold(choice.point), choice))
 
-    predictions_dir = run.output_dir / "predictions"
+    predictions_dir = run.write_dir / "predictions"
     full_test = run_decode(None, test_features)
     full_captions = captions_of(full_test, test_items, tokenizer)
     write_results_file(full_captions, predictions_dir / "full_test.json")
@@ -160,7 +160,7 @@ def evaluate_captioning(task, run: Run, rules: list[tuple[dict, ExitRule]]) -> E
                 encoder_ms=info["encoder_ms"], timed_images=info["images"], timed_tokens_full=info["full_tokens"],
                 timed_tokens_exit=info[f"{key}_tokens"], wall_speedup_total=info["full"] / info[key],
                 **choice.as_extra("calib")).to_dict())
-    write_examples(run.output_dir, test_items, examples, test_results, evaluate["examples"])
+    write_examples(run.write_dir, test_items, examples, test_results, evaluate["examples"])
     return Evaluation(rows, chosen, lines)
 
 

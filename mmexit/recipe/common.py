@@ -33,6 +33,10 @@ def fraction(value) -> str | None:
     return None if 0 < value < 1 else f"must be between 0 and 1 (exclusive), got {value}"
 
 
+def resume_ok(value) -> str | None:
+    return None if value in (True, False, "auto") else f"{value!r} is not allowed; allowed: true, false, auto"
+
+
 def positive_or_none(value) -> str | None:
     return None if value is None or value > 0 else f"must be > 0 (or null for all), got {value}"
 
@@ -63,6 +67,11 @@ RUN_SCHEMA = {
     "overwrite": Field((bool,), default=False,
                        doc="allow writing into an output folder that already holds results"),
     "num_threads": Field((int,), nullable=True, default=None, doc="torch.set_num_threads on CPU"),
+    "checkpoint_every": Field((int,), nullable=True, default=None, check=positive_or_none,
+                              doc="save a training checkpoint every N optimiser steps (and at each epoch end)"),
+    "keep_checkpoints": Field((int,), default=2, check=positive, doc="newest checkpoints kept"),
+    "resume": Field((bool, str), default=False, check=resume_ok,
+                    doc="true: continue from the newest complete checkpoint; auto: if there is one"),
     "log_with": Field((str,), nullable=True, default="auto", choices=("auto", "tensorboard", "none"),
                       doc="accelerate tracker: auto = TensorBoard when installed"),
 }

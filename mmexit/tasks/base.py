@@ -25,12 +25,18 @@ class Run:
 
     recipe: dict
     task: "Task"
-    output_dir: Path
+    output_dir: Path  # the run's folder: where a trained model is read from
     accelerator: Any
+    write_dir: Optional[Path] = None  # where this run writes (a staging folder inside output_dir)
     data: Any = None
     model: Any = None
     processor: Any = None  # tokenizer (text) or caption tokenizer (captioning)
     state: dict = field(default_factory=dict)  # per-task scratch (e.g. preprocessed images)
+    checkpointing: Any = None  # mmexit.training.checkpoints.Checkpointing, when the recipe asks for it
+
+    def __post_init__(self) -> None:
+        if self.write_dir is None:
+            self.write_dir = self.output_dir
 
 
 @dataclass

@@ -147,7 +147,8 @@ class CaptioningTask(Task):
             weights = [float(layer) for layer in model.exits]
         elif isinstance(weights, list) and len(weights) != model.num_exits:
             raise RecipeError(f"train.loss.exit_weights: {len(weights)} weights for {model.num_exits} exits")
-        stage = dict(dataset=dataset, collate=collate, accelerator=run.accelerator, train=train)
+        stage = dict(dataset=dataset, collate=collate, accelerator=run.accelerator, train=train,
+                     checkpointing=run.checkpointing)
         if train["schedule"] == "joint":
             loss = JointLoss(weights, loss_cfg["kl_weight"], loss_cfg["kl_temperature"])
             history = train_stage(model, loss, epochs=train["epochs"], lr=train["lr"], seed=seed,

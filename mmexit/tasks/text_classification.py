@@ -89,7 +89,7 @@ class TextClassificationTask(Task):
         def stage(loss, epochs, lr, stage_seed, name):
             sampler = LengthGroupedBatches(examples, train["batch_size"], stage_seed)
             return train_stage(run.model, loss, examples, collate, run.accelerator, train, epochs, lr, stage_seed,
-                               name, batch_sampler=sampler)
+                               name, batch_sampler=sampler, checkpointing=run.checkpointing)
 
         if train["schedule"] == "two_stage":
             history = stage(FinalOnlyLoss(), train["epochs"], train["lr"], seed, "stage1")
@@ -216,4 +216,4 @@ def save_exit_outputs(run: Run, calib: text_eval.SplitOutputs, test: text_eval.S
                "test.logits": test.logits.float().contiguous(), "test.labels": test.labels.contiguous()}
     metadata = {"exit_layers": json.dumps(list(run.model.exit_layers)), "task": run.data.name,
                 "primary_metric": run.data.primary_metric}
-    atomic_write_bytes(run.output_dir / EXIT_OUTPUTS_FILE, save_bytes(tensors, metadata=metadata))
+    atomic_write_bytes(run.write_dir / EXIT_OUTPUTS_FILE, save_bytes(tensors, metadata=metadata))

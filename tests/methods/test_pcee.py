@@ -7,6 +7,7 @@ import json
 import torch
 
 from mmexit.calibration.pcee import PCEECalibration
+from mmexit.calibration.statistics import ExitStatistics
 from mmexit.exits.base import ExitView
 from mmexit.inference.exit_loop import simulate_exits
 from mmexit.exits.pcee import PCEERule, bin_edges, bin_index
@@ -37,10 +38,8 @@ def _calibrated(min_bin_count=3, smoothing="none"):
     conf = torch.tensor([0.55] * 4 + [0.65] * 4 + [0.75] * 4 + [0.85] * 4 + [0.95] * 2)
     correct0 = torch.tensor([1, 0, 0, 0] + [1, 1, 0, 0] + [1, 1, 1, 0] + [1, 1, 1, 1] + [1, 1]).bool()
     rule = PCEERule(threshold=0.7, num_bins=5, binning="equal_width", min_bin_count=min_bin_count, smoothing=smoothing)
-    PCEECalibration().fit_statistics(
-        rule, torch.stack([conf, torch.full_like(conf, 0.9)]),
-        torch.stack([correct0, torch.ones_like(correct0)]), num_classes=2,
-    )
+    rule.set_statistics(torch.stack([conf, torch.full_like(conf, 0.9)]),
+                        torch.stack([correct0, torch.ones_like(correct0)]), num_classes=2)
     return rule
 
 
@@ -78,7 +77,7 @@ def test_isotonic_smoothing_is_monotone_and_keeps_sparse_bins_closed():
     conf = torch.tensor([0.55] * 4 + [0.65] * 4 + [0.75] * 4 + [0.85] * 4)
     correct = torch.tensor([1, 1, 1, 0] + [1, 0, 0, 0] + [1, 1, 1, 1] + [1, 1, 1, 0]).bool()
     rule = PCEERule(threshold=0.8, num_bins=5, binning="equal_width", min_bin_count=3, smoothing="isotonic")
-    PCEECalibration().fit_statistics(rule, torch.stack([conf, conf]), torch.stack([correct, correct]), 2)
+    rule.set_statistics(torch.stack([conf, conf]), torch.stack([correct, correct]), 2)
     smoothed = rule.accuracy[0][:4]
     # raw 0.75, 0.25, 1.0, 0.75 -> pooled (0.5, 0.5, 0.875, 0.875)
     torch.testing.assert_close(smoothed, torch.tensor([0.5, 0.5, 0.875, 0.875]))
@@ -103,7 +102,7 @@ def test_fit_from_logits_with_temperatures():
     logits[:, torch.arange(400), labels] += 1.5
     rule = PCEERule(threshold=0.8)
     rule.temperatures = [2.0, 1.0, 1.0]
-    PCEECalibration().fit(rule, logits, labels, [1, 2, 3])
+    PCEECalibration().fit(rule, ExitStatistics.from_logits(logits, labels, [1, 2, 3]))
     assert sum(int(c.sum()) for c in rule.counts[:1]) == 400
     # the temperature is applied when binning: exit 0 confidences are those of logits / 2
     scaled = (logits[0] / 2).softmax(-1).amax(-1)

@@ -43,9 +43,9 @@ def _rules(model, batch):
     beem_c = BEEMRule(threshold=0.1, weights="cost", restart="zero")
     BEEMCalibration().fit(beem_c, ExitStatistics.from_logits(calib_logits, calib_labels, model.exit_layers))
     pcee = PCEERule(threshold=0.7, num_bins=4, min_bin_count=5)
-    PCEECalibration().fit(pcee, calib_logits, calib_labels, model.exit_layers)
+    PCEECalibration().fit(pcee, ExitStatistics.from_logits(calib_logits, calib_labels, model.exit_layers))
     pcee_iso = PCEERule(threshold=0.7, num_bins=4, min_bin_count=5, binning="equal_width", smoothing="isotonic")
-    PCEECalibration().fit(pcee_iso, calib_logits, calib_labels, model.exit_layers)
+    PCEECalibration().fit(pcee_iso, ExitStatistics.from_logits(calib_logits, calib_labels, model.exit_layers))
     temperature = MaxProbRule(float(conf.median()))
     temperature.temperatures = [1.5, 1.0, 0.7, 1.0]
     return {
