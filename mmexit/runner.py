@@ -125,8 +125,15 @@ def run_validated(recipe: dict) -> list[dict]:
             accelerator.init_trackers(recipe["run"]["name"])
         except Exception:  # a tracker that fails must not stop the run
             pass
-    with preemption_signal():
-        rows = run_stages(run)
+    try:
+        with preemption_signal():
+            rows = run_stages(run)
+    except BaseException:
+        if accelerator.is_main_process:  # nothing of a failed run is published; its staging goes
+            import shutil
+
+            shutil.rmtree(run.write_dir, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_folder.publish(run.write_dir, output_dir, run_id, trained=trains)
@@ -205,6 +212,14 @@ def quiet_libraries() -> None:
 COMMANDS = ("run", "predict", "serve")
 
 
+def close_progress_bars() -> None:
+    """End any progress bar's line, so an error message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def run_main(argv: list[str]) -> int:
     """``mmexit run RECIPE [key=value ...]``."""
     parser = argparse.ArgumentParser(
@@ -216,12 +231,15 @@ def run_main(argv: list[str]) -> int:
     try:
         rows = run_recipe(args.recipe, args.overrides)
     except MMExitError as error:
+        close_progress_bars()
         print(f"mmexit: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
+        close_progress_bars()
         print("mmexit: interrupted", file=sys.stderr)
         return 130
-    except OSError as error:  # a full disk, a folder gone read-only: the output folder is left as it was
+    except OSError as error:
+        close_progress_bars()  # a full disk, a folder gone read-only: the output folder is left as it was
         where = f"{error.filename}: " if error.filename else ""
         print(f"mmexit: error: cannot write the run's files: {where}{error.strerror or error}", file=sys.stderr)
         return 2

@@ -64,7 +64,7 @@ def caption_row(method: str, rule_label: str, point, split: str, metrics: dict, 
                 batch_size, simulated: bool, warning: Optional[str] = None, **extra) -> ResultRow:
     """A result row of one decoding run (layers per generated token; calls per step; catch-up)."""
     if result.step_layers:  # layer calls: a batch's step costs its deepest row's layers when calls are row-bound
-        extra["call_speedup"] = layer_speedup(torch.tensor(result.step_layers), model.num_layers)
+        extra.setdefault("call_speedup", layer_speedup(torch.tensor(result.step_layers), model.num_layers))
     if result.catchup_layers:  # deferred compute: earlier positions' layers run later, in chunks
         computed = int(result.layers.sum()) + result.catchup_layers
         extra["catchup_layers"] = result.catchup_layers

@@ -63,7 +63,7 @@ class BaseEngine:
         self.pending: deque[Request] = deque()
         self.depth = 0  # rows accepted and not answered
         self.cond = threading.Condition()
-        self.accepting = False
+        self.accepting = True  # requests may queue before start()
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
         self.on_call: Optional[CallHook] = None
@@ -75,7 +75,6 @@ class BaseEngine:
     def start(self) -> "BaseEngine":
         """Start the model thread (idempotent)."""
         if self.thread is None:
-            self.accepting = True
             self.thread = threading.Thread(target=self._loop, name=f"mmexit-{self.kind}", daemon=True)
             self.thread.start()
         return self

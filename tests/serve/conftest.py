@@ -1,0 +1,12 @@
+"""Serving tests: one torch thread (tiny layers on a shared 2-core machine run faster without OpenMP sync)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():  # overrides tests/conftest.py's fixture of the same name
+    torch.set_num_threads(1)
+    yield
