@@ -49,8 +49,14 @@ def make_accelerator(recipe: dict, output_dir: Path):
         log_with = None
     import torch
 
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     try:
         return Accelerator(
+            # the main process alone times and decodes while the others wait at a barrier: allow hours
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))],
             cpu=not torch.cuda.is_available(),  # also makes torchrun/mpirun CPU launches real DDP (gloo)
             mixed_precision=train.get("mixed_precision", "no"),
             gradient_accumulation_steps=train.get("grad_accum", 1),

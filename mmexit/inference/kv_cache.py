@@ -1,10 +1,18 @@
 """The KV cache mmexit manages for per-token early-exit decoding, for any decoder adapter.
 
-Self-attention K/V are preallocated per layer as [rows, kv_heads, max_len, head_dim]; per-layer
-constants (a captioner's cross-attention K/V of the image) are computed once by the adapter's
-``init_cache_layer`` (None for decoders that have none). Under the ``deferred`` policy the cache
-also holds ``depth`` [rows, max_len] (layers whose K/V are true at each position) and ``waiting``
-[rows, max_len, width] (the hidden state of a position still waiting for deeper layers).
+Self-attention K/V are preallocated per layer as [rows, kv_heads, offset + max_len, head_dim];
+per-layer constants (a captioner's cross-attention K/V of the image) are computed once by the
+adapter's ``init_cache_layer`` (None for decoders that have none).
+
+A decoder that reads the image as a *prefix* of tokens (LLaMA: projected image tokens, no
+cross-attention) occupies cache positions ``0..offset-1`` with it: ``offset =
+adapter.prefix_length(features)`` (0 for GPT-2) and ``adapter.prefill(cache, features)`` writes the
+prefix's K/V at every layer once. Caption position ``t`` lives at cache position ``offset + t``;
+the adapters' ``step``/``span``/``chunk``/``project_kv`` always take cache positions.
+
+Under the ``deferred`` policy the cache also holds ``depth`` [rows, offset + max_len] (layers whose
+K/V are true at each position; the prefix is complete) and ``waiting`` [rows, offset + max_len,
+width] (the hidden state of a position still waiting for deeper layers).
 
 Rows are a batch of sequences (or beams); ``select`` keeps or reorders them.
 """
@@ -23,15 +31,19 @@ class DecoderCache:
 
     def __init__(self, adapter, features: Tensor, max_len: int, deferred: bool = False) -> None:
         rows = features.shape[0]
-        shape = (rows, adapter.num_kv_heads, max_len, adapter.head_dim)
+        self.offset: int = adapter.prefix_length(features)  # cache positions taken by an image prefix
+        self.size = self.offset + max_len
+        shape = (rows, adapter.num_kv_heads, self.size, adapter.head_dim)
         self.keys = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
         self.values = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
         self.constants = [adapter.init_cache_layer(index, features) for index in range(adapter.num_layers)]
         self.depth: Optional[Tensor] = None
         self.waiting: Optional[Tensor] = None
         if deferred:
-            self.depth = torch.full((rows, max_len), adapter.num_layers, dtype=torch.long, device=features.device)
-            self.waiting = features.new_zeros(rows, max_len, adapter.width)
+            self.depth = torch.full((rows, self.size), adapter.num_layers, dtype=torch.long, device=features.device)
+            self.waiting = features.new_zeros(rows, self.size, adapter.width)
+        if self.offset:
+            adapter.prefill(self, features)
 
     def select(self, index: Tensor) -> None:
         """Keep / reorder the cache rows ``index`` (bool mask or long index [rows])."""
@@ -52,6 +64,19 @@ class DecoderCache:
         self.keys[layer][rows, :, t] = key
         self.values[layer][rows, :, t] = value
         return self.keys[layer][rows, :, : t + 1], self.values[layer][rows, :, : t + 1]
+
+    def write_span_and_read(self, layer: int, rows: Optional[Tensor], start: int, key: Tensor,
+                            value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write K/V [r, kv_heads, n, hd] at positions start..start+n-1 of ``rows`` (None = all);
+        return K/V [r, kv_heads, start+n, hd] (everything a causal query of the span may read)."""
+        end = start + key.shape[2]
+        if rows is None:
+            self.keys[layer][:, :, start:end] = key
+            self.values[layer][:, :, start:end] = value
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][rows, :, start:end] = key
+        self.values[layer][rows, :, start:end] = value
+        return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
 
     def write(self, layer: int, rows: Tensor, positions: Tensor | int, key: Tensor, value: Tensor) -> None:
         """Write K/V [n, kv_heads, hd] at (rows[n], positions[n])."""
@@ -103,13 +128,22 @@ class ChunkLayout:
         return chunk[:, c]
 
 
+def span_mask(start: int, n: int, device: torch.device) -> Optional[Tensor]:
+    """Causal mask [n, start+n] (True = may attend) of n consecutive new positions after ``start``
+    cached ones; None for one position (it reads everything)."""
+    if n == 1:
+        return None
+    return torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+
+
 def chunk_layout(cache: DecoderCache, hidden: Tensor, row_ids: Tensor, t: int, waiting: Tensor) -> ChunkLayout:
-    """Gather position t (hidden [r, width]) and the positions waiting at this layer (waiting [r, t])."""
-    r = hidden.shape[0]
+    """Gather cache position t (hidden [r, width]) and the caption positions waiting at this layer
+    (waiting [r, t - cache.offset]: positions offset..t-1; a prefix never waits)."""
+    r, span = hidden.shape[0], waiting.shape[1]
     device = hidden.device
     counts = waiting.sum(1)  # [r]
     c = int(counts.max())
-    order = torch.arange(t, device=device).expand(r, t)
+    order = torch.arange(t - span, t, device=device).expand(r, span)
     order = torch.where(waiting, order, order + t).sort(dim=1).values[:, :c]  # waiting positions first, ascending
     valid = torch.arange(c, device=device)[None, :] < counts[:, None]  # [r, c]
     past = torch.where(valid, order, torch.full_like(order, t))  # padding points at t (outputs discarded)
@@ -121,12 +155,12 @@ def chunk_layout(cache: DecoderCache, hidden: Tensor, row_ids: Tensor, t: int, w
 
 
 def propagate(adapter, cache: DecoderCache, exited: list[tuple[Tensor, Tensor, int]], t: int) -> None:
-    """CALM's state propagation: K/V of the layers each exited row skipped at position t, from its
-    exit hidden state. exited: (cache rows [n], hidden [n, width], exit layer number) per exit."""
+    """CALM's state propagation: K/V of the layers each exited row skipped at cache position t, from
+    its exit hidden state. exited: (cache rows [n], hidden [n, width], exit layer number) per exit."""
     first = min(layer for _, _, layer in exited)
     for layer in range(first, adapter.num_layers):  # 0-based layer `layer` was skipped by rows with exit <= layer
         parts = [(rows, hidden) for rows, hidden, exit_layer in exited if exit_layer <= layer]
         rows = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
         hidden = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-        key, value = adapter.project_kv(layer, hidden)
+        key, value = adapter.project_kv(layer, hidden, t)
         cache.write(layer, rows, t, key, value)

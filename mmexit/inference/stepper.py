@@ -21,6 +21,9 @@ Policies (``policy``):
 
 The full-model path (``rule=None``) evaluates no internal exit head and reads the cache with
 plain slices.
+
+Positions: ``step(tokens, t)`` takes the caption position t (embeddings); the adapter is called
+with the cache position ``cache.offset + t`` (after an image prefix, for prefix decoders).
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ class CachedStepper:
         self.cache.select(index)
 
     def _deferred_depth(self, t: int) -> Optional[Tensor]:
-        """[R, t] depth of earlier positions when some still wait for deeper layers, else None."""
+        """[R, t] depth of earlier caption positions when some still wait for deeper layers, else None."""
         if self.policy != "deferred" or not self._maybe_waiting or t == 0:
             return None
-        depth = self.cache.depth[:, :t].clone()
+        offset = self.cache.offset
+        depth = self.cache.depth[:, offset:offset + t].clone()
         self._maybe_waiting = bool((depth < self.model.num_layers).any())
         return depth if self._maybe_waiting else None
 
@@ -75,6 +79,7 @@ class CachedStepper:
         num_layers = model.num_layers
         total, device = tokens.shape[0], tokens.device
         hidden = model.embed(tokens, torch.tensor(t, device=device))  # [R, width]
+        position = self.cache.offset + t  # cache position of this token
         oracle = self.policy == "oracle"
         active = ActiveRows(rule, total, model.num_exits, device, keep_all=oracle)
         rows: Optional[Tensor] = None  # cache rows of `hidden`'s rows (None: all, in order)
@@ -88,10 +93,10 @@ class CachedStepper:
                 waiting = (depth if rows is None else depth[rows]) <= index  # [r, t]
                 waiting = waiting if bool(waiting.any()) else None
             if waiting is None:
-                hidden = adapter.step(index, hidden, self.cache, rows, t)
+                hidden = adapter.step(index, hidden, self.cache, rows, position)
             else:
                 row_ids = torch.arange(total, device=device) if rows is None else rows
-                hidden, caught_up = adapter.chunk(index, hidden, self.cache, row_ids, t, waiting)
+                hidden, caught_up = adapter.chunk(index, hidden, self.cache, row_ids, position, waiting)
                 self.catchup_layers += caught_up
             layer = index + 1
             if layer == num_layers or rule is None or layer not in self.exit_of_layer:
@@ -107,8 +112,8 @@ class CachedStepper:
             if self.policy == "propagate":
                 exited.append((active.stopped, stopped_hidden, layer))
             elif self.policy == "deferred":
-                self.cache.waiting[active.stopped, t] = stopped_hidden
-                self.cache.depth[active.stopped, t] = layer
+                self.cache.waiting[active.stopped, position] = stopped_hidden
+                self.cache.depth[active.stopped, position] = layer
                 self._maybe_waiting = True
             if active.done:
                 hidden = None
@@ -117,5 +122,5 @@ class CachedStepper:
         if hidden is not None:
             active.finish(model.exit_logits(model.num_exits - 1, hidden))
         if exited:
-            propagate(adapter, self.cache, exited, t)
+            propagate(adapter, self.cache, exited, position)
         return active.outputs, self.layer_of_exit[active.exit_index]

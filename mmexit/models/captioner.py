@@ -1,22 +1,27 @@
 """The multi-exit captioner: an image encoder + a decoder with exits after chosen decoder layers.
 
 Wrap, don't fork: the encoder is ``timm.create_model`` (or Hugging Face ``ViTModel``), see
-``mmexit.models.adapters.vision``; the decoder is transformers' ``GPT2LMHeadModel`` built with
-``add_cross_attention=True``, driven through ``mmexit.models.adapters.gpt2``. mmexit adds a linear
-projection from the encoder width to the decoder width and exits after a list of decoder layers.
+``mmexit.models.adapters.vision``; the decoder (``decoder.type``) is either transformers'
+``GPT2LMHeadModel`` built with ``add_cross_attention=True`` (``gpt2``, the default: it reads the
+image by cross-attention) or a ``LlamaForCausalLM`` (``llama``: the projected image patches are a
+prefix of input embeddings before the caption), driven through ``mmexit.models.adapters.gpt2`` /
+``.llama``. mmexit adds a linear projection from the encoder width to the decoder width and exits
+after a list of decoder layers.
 
 Exit heads (``exit_head``):
-- ``shared`` (default): the decoder's final layer norm ``ln_f`` and the shared (tied) LM head,
-  applied to the hidden state after the exit's layer. No new parameters.
-- ``norm``: a learned LayerNorm per internal exit (initialised from ``ln_f``) + the shared LM head.
-- ``adapter``: a per-exit residual linear adapter (zero-initialised) before ``ln_f`` + LM head.
-The last exit is always the decoder's own ``ln_f`` + LM head (the full model).
+- ``shared`` (default): the decoder's final norm (GPT-2 ``ln_f`` / LLaMA RMSNorm ``model.norm``)
+  and the shared LM head (tied to the embeddings when the decoder ties them), applied to the
+  hidden state after the exit's layer. No new parameters.
+- ``norm``: a learned copy of the final norm per internal exit + the shared LM head.
+- ``adapter``: a per-exit residual linear adapter (zero-initialised) before the final norm + LM head.
+The last exit is always the decoder's own final norm + LM head (the full model).
 
 A spec dict (``captioner.json``) rebuilds the architecture; weights live in ``model.safetensors``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 import torch
@@ -24,9 +29,22 @@ from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError, RecipeError
 from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
+from mmexit.models.adapters.llama import LlamaDecoderAdapter, build_llama_decoder
 from mmexit.models.adapters.vision import build_image_encoder
 
 EXIT_HEADS = ("shared", "norm", "adapter")
+#: decoder.type -> (builder, adapter class); the adapter is chosen by the model's config.model_type
+DECODERS = {"gpt2": (build_gpt2_decoder, GPT2DecoderAdapter), "llama": (build_llama_decoder, LlamaDecoderAdapter)}
+
+
+def decoder_adapter(decoder: nn.Module):
+    """The decoder adapter of a GPT-2 (cross-attention) or LLaMA-family (prefix) causal LM."""
+    model_type = getattr(decoder.config, "model_type", "?")
+    if model_type == "gpt2":
+        return GPT2DecoderAdapter(decoder)
+    if model_type in LlamaDecoderAdapter.families:
+        return LlamaDecoderAdapter(decoder)
+    raise ModelLoadError(f"captioner decoder: model type '{model_type}' has no decoder adapter (gpt2, llama)")
 
 
 class ExitAdapter(nn.Module):
@@ -43,14 +61,14 @@ class ExitAdapter(nn.Module):
 
 
 class Captioner(nn.Module):
-    """Encoder -> projection -> GPT-2 decoder with exits after ``exits`` (1-based layer numbers)."""
+    """Encoder -> projection -> decoder (GPT-2 or LLaMA) with exits after ``exits`` (1-based layer numbers)."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, exits: list[int], exit_head: str = "shared",
                  spec: dict | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.adapter = GPT2DecoderAdapter(decoder)
+        self.adapter = decoder_adapter(decoder)
         self.spec = spec or {}
         width = self.adapter.width
         self.num_layers = self.adapter.num_layers
@@ -66,10 +84,7 @@ class Captioner(nn.Module):
         self.projection = nn.Linear(encoder.width, width)
         internal = len(exits) - 1
         if exit_head == "norm":
-            self.exit_modules = nn.ModuleList(nn.LayerNorm(width, eps=self.adapter.layer_norm_epsilon)
-                                              for _ in range(internal))
-            for norm in self.exit_modules:
-                norm.load_state_dict(decoder.transformer.ln_f.state_dict())
+            self.exit_modules = nn.ModuleList(copy.deepcopy(self.adapter.norm_module) for _ in range(internal))
         elif exit_head == "adapter":
             self.exit_modules = nn.ModuleList(ExitAdapter(width) for _ in range(internal))
         else:
@@ -94,7 +109,8 @@ class Captioner(nn.Module):
         return "internal" if parameter_name.startswith("exit_modules.") else None
 
     def encode(self, images: Tensor) -> Tensor:
-        """images [batch, 3, H, W] -> decoder-width image features [batch, patches, n_embd]."""
+        """images [batch, 3, H, W] -> decoder-width image features [batch, patches, width]
+        (GPT-2: cross-attention inputs; LLaMA: the prefix embeddings)."""
         return self.projection(self.encoder(images))
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
@@ -118,11 +134,14 @@ class Captioner(nn.Module):
         """
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = self.adapter.embed_dropout(self.embed(input_ids, positions))
+        prefix = self.adapter.prefix_length(features)  # LLaMA: the image tokens come first
+        if prefix:
+            hidden = torch.cat([features.to(hidden.dtype), hidden], dim=1)
         outputs, exit_position = [], 0
         for layer in range(1, self.num_layers + 1):
             hidden = self.adapter.layer(layer - 1, hidden, features)
             if layer == self.exits[exit_position]:
-                outputs.append(self.exit_logits(exit_position, hidden))
+                outputs.append(self.exit_logits(exit_position, hidden[:, prefix:]))
                 exit_position += 1
         return torch.stack(outputs)
 
@@ -137,15 +156,21 @@ class Captioner(nn.Module):
 
 
 def build_captioner(spec: dict) -> Captioner:
-    """Build from a spec: {encoder: {type, name, pretrained, kwargs}, decoder: {pretrained, config},
-    vocab_size, special_ids: {bos, eos, pad}, exits, exit_head}."""
+    """Build from a spec: {encoder: {type, name, pretrained, kwargs}, decoder: {type (gpt2 | llama),
+    pretrained, config}, vocab_size, special_ids: {bos, eos, pad}, exits, exit_head}.
+
+    decoder.config: GPT2Config keys (gpt2) or LlamaConfig keys (llama); decoder.pretrained: a hub
+    name or local HF folder (e.g. ``resolve_packaged("pypi:smollm2-135m")``)."""
     encoder = build_image_encoder(spec["encoder"])
     decoder_spec = spec["decoder"]
-    decoder = build_gpt2_decoder(spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
-                            **(decoder_spec.get("config") or {}))
+    kind = decoder_spec.get("type") or "gpt2"
+    if kind not in DECODERS:
+        raise RecipeError(f"model.decoder.type: {kind!r} is not allowed; allowed: {', '.join(DECODERS)}")
+    decoder = DECODERS[kind][0](spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
+                                **(decoder_spec.get("config") or {}))
     exits = spec.get("exits", "all")
     if exits == "all":
-        exits = list(range(1, decoder.config.n_layer + 1))
+        exits = list(range(1, decoder_adapter(decoder).num_layers + 1))
     return Captioner(encoder, decoder, list(exits), spec.get("exit_head", "shared"), spec=spec)
 
 

@@ -5,12 +5,18 @@ decoder one layer and one new position at a time against a KV cache that mmexit 
 - ``embed(tokens, positions)``, ``final_norm``, ``lm_head``, ``layer(index, hidden, features)``
   (teacher-forced, whole sequences; transformers' own block);
 - ``init_cache_layer(features)``: per-layer constant K/V (here: cross-attention K/V of the image);
+- ``prefix_length(features)`` / ``prefill(cache, features)``: cache positions an image prefix
+  takes and the writing of its K/V (GPT-2 reads the image by cross-attention: 0, nothing);
 - ``step(index, hidden, cache, rows, t)``: one new position through one layer;
+- ``span(index, hidden, cache, rows, start)``: n consecutive new positions through one layer
+  (speculative verification);
 - ``chunk(index, hidden, cache, row_ids, t, waiting)``: the new position plus earlier positions
   waiting at this layer, as one causal chunk (the deferred policy);
-- ``project_kv(index, hidden)``: K/V of a layer computed from a hidden state (state propagation).
-The block maths calls the block's own modules (``ln_1``, ``attn.c_attn``, ``crossattention``,
-``mlp``); nothing of transformers is copied. A LLaMA-family decoder is one more such class.
+- ``project_kv(index, hidden, t)``: K/V of a layer at position t computed from a hidden state
+  (state propagation).
+Positions given to these are cache positions. The block maths calls the block's own modules
+(``ln_1``, ``attn.c_attn``, ``crossattention``, ``mlp``); nothing of transformers is copied.
+``mmexit.models.adapters.llama`` is the same seam for LLaMA-family decoders.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.inference.kv_cache import DecoderCache, chunk_layout
+from mmexit.inference.kv_cache import DecoderCache, chunk_layout, span_mask
 
 
 def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,
@@ -75,6 +81,11 @@ class GPT2DecoderAdapter:
     def embed_dropout(self, hidden: Tensor) -> Tensor:
         return self.decoder.transformer.drop(hidden)
 
+    @property
+    def norm_module(self) -> nn.Module:
+        """The final norm (``ln_f``); a per-exit ``norm`` head starts as a copy of it."""
+        return self.decoder.transformer.ln_f
+
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.decoder.transformer.ln_f(hidden)
 
@@ -95,21 +106,32 @@ class GPT2DecoderAdapter:
         rows, patches, _ = tensor.shape
         return tensor.view(rows, patches, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
 
+    def prefix_length(self, features: Tensor) -> int:
+        """GPT-2 reads the image by cross-attention: no cache positions before the caption."""
+        return 0
+
+    def prefill(self, cache: DecoderCache, features: Tensor) -> None:
+        """Nothing to write (``prefix_length`` is 0)."""
+
     def step(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Optional[Tensor], t: int) -> Tensor:
         """Layer ``index`` for one new position t; hidden [r, width]; rows: cache rows of hidden (None = all)."""
+        return self.span(index, hidden[:, None], cache, rows, t)[:, 0]
+
+    def span(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Optional[Tensor], start: int) -> Tensor:
+        """Layer ``index`` for new positions start..start+n-1 (causal); hidden [r, n, width] -> [r, n, width]."""
         block = self.blocks[index]
-        r, width = hidden.shape
-        heads, head_dim = self.num_heads, self.head_dim
+        r, n, width = hidden.shape
         attention = block.attn
         query, key, value = attention.c_attn(block.ln_1(hidden)).split(width, dim=-1)
-        keys, values = cache.write_and_read(index, rows, t, key.view(r, heads, head_dim), value.view(r, heads, head_dim))
-        out = F.scaled_dot_product_attention(query.view(r, heads, 1, head_dim), keys, values, scale=attention.scaling)
-        hidden = hidden + attention.c_proj(out.reshape(r, width))  # [r, heads, 1, hd] -> [r, width]
+        keys, values = cache.write_span_and_read(index, rows, start, self._heads(key), self._heads(value))
+        out = F.scaled_dot_product_attention(self._heads(query), keys, values,
+                                             attn_mask=span_mask(start, n, hidden.device), scale=attention.scaling)
+        hidden = hidden + attention.c_proj(out.transpose(1, 2).reshape(r, n, width))
         cross_keys, cross_values = cache.constant(index, rows)
         cross = block.crossattention
-        query = cross.q_attn(block.ln_cross_attn(hidden)).view(r, heads, 1, head_dim)
+        query = self._heads(cross.q_attn(block.ln_cross_attn(hidden)))
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
-        hidden = hidden + cross.c_proj(out.reshape(r, width))
+        hidden = hidden + cross.c_proj(out.transpose(1, 2).reshape(r, n, width))
         return hidden + block.mlp(block.ln_2(hidden))
 
     def chunk(self, index: int, hidden: Tensor, cache: DecoderCache, row_ids: Tensor, t: int,
@@ -139,8 +161,9 @@ class GPT2DecoderAdapter:
         chunk = chunk + block.mlp(block.ln_2(chunk))
         return layout.finish(index, chunk), layout.caught_up
 
-    def project_kv(self, index: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """K/V of layer ``index`` from hidden [n, width] (no attention, no MLP): 2 x [n, heads, hd]."""
+    def project_kv(self, index: int, hidden: Tensor, t: int = 0) -> tuple[Tensor, Tensor]:
+        """K/V of layer ``index`` from hidden [n, width] (no attention, no MLP): 2 x [n, heads, hd].
+        GPT-2's K/V do not depend on the position t (learned absolute embeddings)."""
         block = self.blocks[index]
         projection = block.attn.c_attn  # Conv1D: x @ weight + bias, weight [width, 3 * width]
         width = self.width

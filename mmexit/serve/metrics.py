@@ -1,0 +1,56 @@
+"""Prometheus metrics of a server (``GET /metrics``), in a registry of its own.
+
+- ``mmexit_requests_total{endpoint,status}``: HTTP requests answered;
+- ``mmexit_request_latency_seconds{endpoint}``: histogram of request latency (receipt to answer);
+- ``mmexit_exits_total{layer}``: rows answered per exit layer (1-based);
+- ``mmexit_queue_depth``: rows accepted and not answered yet (waiting or in flight);
+- ``mmexit_layer_call_rows{layer}``: histogram of rows per layer call (layer 0 = embedding);
+- ``mmexit_rows_total``: rows answered.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mmexit.serve.engine_base import BaseEngine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+ENDPOINTS = ("/health", "/metrics", "/v1/classify", "/v1/caption")
+
+
+class ServeMetrics:
+    """The server's metrics; ``attach(engine)`` hooks the engine's layer calls, exits and queue."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmexit_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("mmexit_request_latency_seconds", "request latency, receipt to answer",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.exits = Counter("mmexit_exits", "rows answered per exit layer", ["layer"], registry=self.registry)
+        self.rows = Counter("mmexit_rows", "rows answered", registry=self.registry)
+        self.queue_depth = Gauge("mmexit_queue_depth", "rows accepted and not answered (waiting or in flight)",
+                                 registry=self.registry)
+        self.call_rows = Histogram("mmexit_layer_call_rows", "rows per layer call (layer 0: the embedding)",
+                                   ["layer"], buckets=ROW_BUCKETS, registry=self.registry)
+
+    def attach(self, engine: BaseEngine) -> None:
+        self.queue_depth.set_function(lambda: engine.depth)
+        engine.on_call = lambda layer, rows: self.call_rows.labels(str(layer)).observe(rows)
+
+        def exited(layer: int, rows: int) -> None:
+            self.exits.labels(str(layer)).inc(rows)
+            self.rows.inc(rows)
+
+        engine.on_exit = exited
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

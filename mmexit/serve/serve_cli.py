@@ -1,0 +1,117 @@
+"""``mmexit serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--rule R] [--engine continuous|batch|full] ...``.
+
+Loads the run (``mmexit.load``), builds its engine and serves the FastAPI app (``mmexit.serve.app``)
+with uvicorn. ``--port 0`` picks a free port; the address is printed on stderr once listening
+(``mmexit: serving RUN on http://HOST:PORT ...``). SIGTERM or Ctrl-C: stop accepting, answer
+every request in flight, drain the engine, exit 0. A bad run folder, rule or address: one line
+``mmexit: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from typing import Optional
+
+from mmexit.errors import MMExitError
+from mmexit.serve.service import ENGINES, Limits
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmexit serve", description="Serve a trained mmexit run over HTTP.")
+    parser.add_argument("run_dir", help="a trained run's output folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: a free one; default 8000)")
+    parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9 or full (default: the run's)")
+    parser.add_argument("--engine", choices=ENGINES, default="continuous",
+                        help="text runs: continuous (layer-level batching), batch (shrinking batch) or full "
+                             "(the full model); default continuous")
+    parser.add_argument("--max-batch", type=int, default=32, help="rows per model call (default 32)")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="rows accepted and not answered before 503 (default 1024)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)")
+    parser.add_argument("--slots", type=int, help="continuous engine: rows in flight (default 4 x --max-batch)")
+    parser.add_argument("--max-wait-ms", type=float,
+                        help="continuous: age bound of a layer queue (default 100); batch/full/caption: wait "
+                             "for a fuller batch (default 5)")
+    parser.add_argument("--max-texts", type=int, default=256, help="texts per request (default 256)")
+    parser.add_argument("--max-chars", type=int, default=20_000, help="characters per text (default 20000)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    args = parser.parse_args(argv)
+    for name in ("max_batch", "max_queue", "max_texts", "max_chars"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0..65535")
+    return args
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (IPv6 when ``host`` has a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise MMExitError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        import torch
+
+        from mmexit.serve.load import load
+        from mmexit.serve.service import build_service
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        predictor = load(args.run_dir, rule=args.rule, device=args.device)
+        limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout)
+        service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
+                                args.max_wait_ms)
+        sock = listen(args.host, args.port)
+    except (MMExitError, ValueError) as error:
+        print(f"mmexit: error: {error}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
+    import uvicorn
+
+    from mmexit.serve.app import create_app
+
+    app = create_app(service)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=int(args.timeout) + 10, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    engine = service.engine.kind if predictor.task != "captioning" else "caption batcher"
+    point = getattr(service, "operating_point", predictor.operating_point)
+    print(f"mmexit: serving {predictor.run_dir} ({predictor.task}, {point}, engine {engine}) on "
+          f"http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully: these handlers
+    # take it, so a drained server exits 0 instead of dying of its own SIGTERM
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        print("mmexit: error: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    print("mmexit: server stopped (requests in flight answered)", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())
