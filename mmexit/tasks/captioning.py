@@ -52,6 +52,10 @@ def load_splits(recipe: dict) -> dict[str, list[CaptionItem]]:
             if split not in image_dirs:
                 raise RecipeError(f"data.image_dirs: no image folder for split {split!r}")
             splits[split] = load_coco_annotations(path, image_dirs[split])
+            if data["present_images_only"]:
+                splits[split] = [item for item in splits[split] if item.path.is_file()]
+    if data["carve"]:
+        splits = carve(splits, data["carve"])
     chosen = {}
     for role, limit in (("train", "max_train_images"), ("calib", "max_calib_images"), ("test", "max_test_images")):
         name = data[f"{role}_split"]
@@ -64,6 +68,27 @@ def load_splits(recipe: dict) -> dict[str, list[CaptionItem]]:
     for items in chosen.values():
         check_items(items, data["verify_images"])
     return chosen
+
+
+def carve(splits: dict[str, list[CaptionItem]], spec: dict) -> dict[str, list[CaptionItem]]:
+    """Move a seeded share of ``spec["from"]`` into other splits (appended, or new); the rest stays."""
+    import random
+
+    source = spec["from"]
+    if source not in splits:
+        raise DataError(f"data.carve.from: no split {source!r}; the data has {sorted(splits)}")
+    items = list(splits[source])
+    random.Random(spec.get("seed", 0)).shuffle(items)
+    needed = sum(spec["take"].values())
+    if needed >= len(items):
+        raise DataError(f"data.carve: takes {needed} of the {len(items)} images of {source!r}; leave some held out")
+    out = {name: list(value) for name, value in splits.items()}
+    start = 0
+    for target, count in spec["take"].items():
+        out[target] = out.get(target, []) + items[start:start + count] if target != source else out[target]
+        start += count
+    out[source] = sorted(items[start:], key=lambda item: item.image_id)
+    return out
 
 
 def image_norm(recipe: dict) -> dict:

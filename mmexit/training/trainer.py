@@ -65,10 +65,13 @@ class ShuffledBatches:
 
 def set_trainable(model, trains: str) -> None:
     """Freeze what a loss does not train: "final" leaves internal exit heads frozen, "internal"
-    trains only them, "all" everything. ``model.head_kind(name)`` tells heads from the backbone."""
+    trains only them, "all" everything. ``model.head_kind(name)`` tells heads ("internal",
+    "final") from the backbone (None) and from parts that never train ("frozen")."""
     for name, parameter in model.named_parameters():
         kind = model.head_kind(name)
-        if trains == "all":
+        if kind == "frozen":  # e.g. a frozen pretrained image encoder: never trained
+            parameter.requires_grad_(False)
+        elif trains == "all":
             parameter.requires_grad_(True)
         elif trains == "final":
             parameter.requires_grad_(kind != "internal")

