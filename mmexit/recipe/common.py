@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmexit.recipe.language import Field
+from mmexit.recipe.language import Component, Field, ListOf
 
 STAGES = ("train", "calibrate", "evaluate", "report")
 
@@ -75,3 +75,11 @@ RUN_SCHEMA = {
     "log_with": Field((str,), nullable=True, default="auto", choices=("auto", "tensorboard", "none"),
                       doc="accelerate tracker: auto = TensorBoard when installed"),
 }
+
+#: ``evaluate.rules`` of every task: rule components, each with an optional sweep and calibration
+RULES = ListOf(Component("rule", reserved={
+    "sweep": Field((list,), nullable=True, default=None, doc="operating points to sweep (default: the rule's own grid)"),
+    "calibration": Component("calibration", nullable=True, default=None,
+                             doc="how this rule's parameters are set on the calibration split"),
+}), default=[{"name": "maxprob"}], check=non_empty,
+    doc="rules to sweep and measure; each may add sweep: [...] and calibration: {...}")

