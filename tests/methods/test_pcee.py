@@ -107,3 +107,33 @@ def test_fit_from_logits_with_temperatures():
     # the temperature is applied when binning: exit 0 confidences are those of logits / 2
     scaled = (logits[0] / 2).softmax(-1).amax(-1)
     assert float(rule.edges[0].max()) <= float(scaled.max())
+
+
+def test_state_saved_before_guarantees_existed_loads_as_the_paper_rule():
+    rule = _calibrated()
+    state = json.loads(json.dumps(rule.calibration_state()))
+    for key in ("guarantee", "hits", "final_counts"):
+        state.pop(key)
+    reloaded = PCEERule()
+    reloaded.load_calibration_state(state)
+    assert reloaded.guarantee == "none" and reloaded.describe() == "pcee@delta=0.9"
+    logits = _binary_logits(torch.tensor([0.52, 0.66, 0.78, 0.88, 0.97]), torch.tensor([0, 1, 0, 1, 1]))
+    for delta in rule.default_sweep():
+        assert (rule.with_threshold(delta).decide(ExitView(logits, 0, 2), {}).tolist()
+                == reloaded.with_threshold(delta).decide(ExitView(logits, 0, 2), {}).tolist())
+
+
+def test_bin_lower_bounds_close_bins_whose_point_estimate_passes():
+    """guarantee 'bins': 3 of 4 right (0.75) passes delta 0.7 as a point estimate, not as a 90% lower bound."""
+    rule = _calibrated()
+    rule.set_guarantee("bins", alpha=0.1)
+    assert rule.describe() == "pcee-cp(alpha=0.1)@delta=0.7"
+    assert rule.exit_allowed(0).tolist() == [False] * 5  # 4 samples per bin: no bound reaches 0.7
+    # more evidence: 45 of 50 right -> Clopper-Pearson 90% lower bound ~0.83
+    conf = torch.tensor([0.95] * 50 + [0.55] * 50)
+    correct = torch.tensor([1] * 45 + [0] * 5 + [1] * 25 + [0] * 25).bool()
+    rule = PCEERule(threshold=0.8, num_bins=5, binning="equal_width", min_bin_count=3)
+    rule.set_statistics(torch.stack([conf, conf]), torch.stack([correct, torch.ones_like(correct)]), 2)
+    rule.set_guarantee("bins", alpha=0.1)
+    assert rule.exit_allowed(0).tolist() == [False, False, False, False, True]
+    assert rule.with_threshold(0.86).exit_allowed(0).tolist() == [False] * 5
