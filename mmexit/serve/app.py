@@ -2,7 +2,8 @@
 
 - ``GET /health``: 200 with the task, operating point, engine and queue depth once loaded
   (503 when the engine thread is not running);
-- ``POST /v1/classify``: ``{"texts": [TEXT | [TEXT, PAIR] | {"text": .., "text_pair": ..}, ...]}``
+- ``POST /v1/classify[?engine=continuous|batch|full]``:
+  ``{"texts": [TEXT | [TEXT, PAIR] | {"text": .., "text_pair": ..}, ...]}``
   -> ``{"results": [{"label", "label_index", "probabilities", "exit_layer"}], "operating_point"}``;
 - ``POST /v1/caption``: multipart image files, or ``{"images": [BASE64, ...]}`` ->
   ``{"results": [{"caption", "tokens", "layers"}], "operating_point"}``;
@@ -25,6 +26,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mmexit.serve.metrics import ServeMetrics
 from mmexit.serve.service import CaptionService, RequestError, Service, TextService, parse_json
@@ -80,7 +82,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_engine: bool = True) -> FastAPI:
     """The app around a built service; with ``manage_engine`` its lifespan starts and drains the engine."""
     metrics = metrics or ServeMetrics()
-    metrics.attach(service.engine)
+    for name, engine in service.engines.items():
+        metrics.attach(name, engine)
     limits = service.limits
 
     @asynccontextmanager
@@ -106,6 +109,10 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
                     405: f"method {request.method} not allowed on {request.url.path}"}
         return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         LOG.exception("request failed")
@@ -125,7 +132,7 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
         if not isinstance(service, TextService):
             raise RequestError(400, "this server runs a captioning model: POST images to /v1/caption")
         payload = parse_json(await read_body(request, limits.max_body_bytes))
-        return JSONResponse(await service.classify(payload))
+        return JSONResponse(await service.classify(payload, request.query_params.get("engine")))
 
     @app.post("/v1/caption")
     async def caption(request: Request) -> JSONResponse:

@@ -29,8 +29,9 @@ class BatchEngine(BaseEngine):
     """A dynamic batcher around ``run_batch(items) -> outputs`` (one output per item, in order)."""
 
     def __init__(self, run_batch: BatchFn, kind: str = "batch", max_batch: int = 32, max_queue: int = 1024,
-                 max_wait_ms: float = 5.0, check: Optional[Callable[[Any], None]] = None) -> None:
-        super().__init__(max_batch, max_queue)
+                 max_wait_ms: float = 5.0, check: Optional[Callable[[Any], None]] = None,
+                 max_queue_wait: Optional[float] = None) -> None:
+        super().__init__(max_batch, max_queue, max_queue_wait)
         self.run_batch, self.kind = run_batch, kind
         self.max_wait = float(max_wait_ms) / 1000.0
         self.check = check
@@ -55,7 +56,9 @@ class BatchEngine(BaseEngine):
             self.in_flight = self._take(self.max_batch)
         if not self.in_flight:
             return
+        start = time.perf_counter()
         outputs = self.run_batch([request.items[row] for request, row in self.in_flight])
+        self._account(time.perf_counter() - start, len(outputs))
         self.calls += 1
         taken, self.in_flight = self.in_flight, []
         for (request, row), output in zip(taken, outputs):
@@ -113,7 +116,7 @@ def full_model_batch(model: MultiExitEncoder, pad_id: int = 0, hooks: Optional[B
 
 def text_batch_engine(model: MultiExitEncoder, rule: Optional[ExitRule], max_length: int, full: bool = False,
                       max_batch: int = 32, max_queue: int = 1024, max_wait_ms: float = 5.0,
-                      pad_id: int = 0) -> BatchEngine:
+                      pad_id: int = 0, max_queue_wait: Optional[float] = None) -> BatchEngine:
     """A ``BatchEngine`` of text rows: the shrinking batch (``full=False``) or the full model."""
     def check(item: Any) -> None:
         if not isinstance(item, EncodedRow):
@@ -121,9 +124,11 @@ def text_batch_engine(model: MultiExitEncoder, rule: Optional[ExitRule], max_len
         if not 0 < item.length <= max_length:
             raise ValueError(f"a row has {item.length} tokens; this engine takes 1 to {max_length}")
 
-    engine = BatchEngine(lambda rows: [], "full" if full else "batch", max_batch, max_queue, max_wait_ms, check)
+    engine = BatchEngine(lambda rows: [], "full" if full else "batch", max_batch, max_queue, max_wait_ms, check,
+                         max_queue_wait)
     # the batch function reports rows per layer and exits to the engine's hooks (set by the metrics)
-    engine.run_batch = full_model_batch(model, pad_id, engine) if full else early_exit_batch(model, rule, pad_id, engine)
+    engine.run_batch = (full_model_batch(model, pad_id, engine) if full
+                        else early_exit_batch(model, rule, pad_id, engine))
     return engine
 
 

@@ -15,14 +15,21 @@ Pool (allocated in the model thread, on the model's device; S = ``slots``, T = t
 
 Scheduler, before every call:
   1. admission: rows of waiting requests (FIFO) take free slots while the layer-0 queue holds fewer
-     than ``max_batch`` rows; they are embedded in one call and join the layer-0 queue;
+     than ``max_batch`` rows (4 x ``max_batch`` with ``group_lengths``); they are embedded in calls
+     of at most ``max_batch`` rows and join the layer-0 queue;
   2. age bound: when the oldest row of some queue has waited there over ``max_wait_ms``, the queue
-     with the oldest such row runs (no row starves behind fuller queues);
-  3. otherwise the fullest queue runs (rows counted up to ``max_batch``), the deeper on ties (its
-     rows finish sooner and free slots). The engine is work-conserving: it never idles with work.
-A call takes its queue's oldest ``max_batch`` rows and pads them to the call's longest row; with a
-padding mask, BERT-style attention gives each row the result it gets alone up to float noise (the
-exactness tests in tests/serve check labels, exit layers and probabilities against
+     with the oldest such row runs (no row starves behind full queues);
+  3. else the deepest queue holding ``max_batch`` rows or more runs (a full call: under load the
+     pool moves rows in full calls, and the deepest rows free their slots first);
+  4. else the queue holding the earliest-submitted row runs (deeper on ties): under light load rows
+     already in flight finish first while new arrivals gather at layer 0 and then run together,
+     instead of every row taking its own small call at its own layer. The engine is
+     work-conserving: it never idles while a row waits.
+A call takes its queue's oldest ``max_batch`` rows, or with ``group_lengths`` (the default) and more
+rows waiting, the oldest row and the rows nearest to it in length (the block of ``max_batch``
+rows, in length order, that wastes the fewest padded tokens). Rows are padded to the call's
+longest; with a padding mask, BERT-style attention gives each row the result it gets alone up to
+float noise (tests/serve/test_engine.py checks labels, exit layers and probabilities against
 ``early_exit_forward`` on the row alone).
 """
 
@@ -46,34 +53,43 @@ __all__ = ["ContinuousEngine", "EngineFull", "EngineStopped"]
 class ContinuousEngine(BaseEngine):
     """Continuous batching at layer granularity for a ``MultiExitEncoder`` and an exit rule.
 
-    max_batch: rows per layer call; slots: rows in flight (default 4 x max_batch); max_length:
-    tokens per row (the run's ``model.max_length``); max_wait_ms: the age bound of a queue.
+    max_batch: rows per layer call; slots: rows in flight (default 8 x max_batch); max_length:
+    tokens per row (the run's ``model.max_length``); max_wait_ms: the age bound of a queue;
+    group_lengths: let calls group rows of similar length (see the module doc); max_queue_wait:
+    refuse requests past this many seconds of queued work (``BaseEngine``).
     """
 
     kind = "continuous"
 
     def __init__(self, model: MultiExitEncoder, rule: ExitRule, max_length: int, max_batch: int = 32,
                  max_queue: int = 1024, slots: Optional[int] = None, max_wait_ms: float = 100.0,
-                 pad_id: int = 0) -> None:
-        super().__init__(max_batch, max_queue)
+                 pad_id: int = 0, group_lengths: bool = True, max_queue_wait: Optional[float] = None) -> None:
+        super().__init__(max_batch, max_queue, max_queue_wait)
         self.model, self.rule = model, rule
         self.max_length, self.pad_id = int(max_length), int(pad_id)
-        self.slots = int(slots or 4 * max_batch)
+        self.slots = int(slots or 8 * max_batch)
         if self.slots < self.max_batch:
             raise ValueError(f"slots ({self.slots}) must be >= max_batch ({self.max_batch})")
         self.max_wait = float(max_wait_ms) / 1000.0
+        self.group_lengths = bool(group_lengths)
+        # rows admitted ahead at layer 0: more candidates let a call group rows of similar length
+        self.admit_limit = min(4 * self.max_batch, self.slots) if self.group_lengths else self.max_batch
         self.device = next(model.parameters()).device
         self.num_layers = model.num_layers
         # queues[l]: slots waiting to run layer l (0-based); entered[slot]: when it joined its queue
         self.queues: list[deque[int]] = [deque() for _ in range(self.num_layers)]
         self.entered = [0.0] * self.slots
+        self.born = [0.0] * self.slots  # when the slot's request was submitted
         self.owner: list[Optional[tuple[Request, int]]] = [None] * self.slots
+        self.row_length = [0] * self.slots  # tokens per slot, on the host (for length grouping)
         self.state: list[dict[str, Tensor]] = [{} for _ in range(self.slots)]
         self.free: list[int] = list(range(self.slots - 1, -1, -1))
         self.calls = 0
+        self.tokens = [0, 0]  # [real, padded] tokens of the layer calls so far (padding efficiency)
 
     def describe(self) -> dict:
-        return super().describe() | {"slots": self.slots, "max_wait_ms": self.max_wait * 1000.0}
+        return super().describe() | {"slots": self.slots, "max_wait_ms": self.max_wait * 1000.0,
+                                     "group_lengths": self.group_lengths}
 
     # ---------------------------------------------------------------- setup
     def _check_items(self, items: Sequence[Any]) -> None:
@@ -99,19 +115,18 @@ class ContinuousEngine(BaseEngine):
 
     # ------------------------------------------------------------- scheduler
     def _step(self) -> None:
+        start, done = time.perf_counter(), self.rows_done
         self._admit()
         layer = self._pick()
-        if layer is None:
-            return
-        queue = self.queues[layer]
-        slots = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
-        slots = self._live(slots)
-        if slots:
-            self._run_layer(layer, slots)
+        if layer is not None:
+            slots = self._live(self._select(layer))
+            if slots:
+                self._run_layer(layer, slots)
+        self._account(time.perf_counter() - start, self.rows_done - done)
 
     def _admit(self) -> None:
         """Waiting rows take free slots (up to a call's worth at layer 0); one embedding call."""
-        room = min(len(self.free), self.max_batch - len(self.queues[0]))
+        room = min(len(self.free), self.admit_limit - len(self.queues[0]), self.max_batch)
         if room <= 0:
             return
         with self.cond:
@@ -130,6 +145,8 @@ class ContinuousEngine(BaseEngine):
         now = time.monotonic()
         for position, (slot, owner) in enumerate(zip(slots, taken)):
             self.owner[slot] = owner
+            self.born[slot] = owner[0].submitted
+            self.row_length[slot] = rows[position].length
             self.state[slot] = {key: value[position] for key, value in state.items()}
             self.entered[slot] = now
             self.queues[0].append(slot)
@@ -137,19 +154,47 @@ class ContinuousEngine(BaseEngine):
             self.on_call(0, len(slots))
 
     def _pick(self) -> Optional[int]:
-        """The layer to run next: the oldest over-age queue, else the fullest (deeper on ties)."""
+        """The layer to run next: an over-age queue (the one waited on longest), else the deepest
+        full queue, else the queue holding the earliest-submitted row (deeper on ties)."""
         now = time.monotonic()
-        oldest, oldest_age, fullest, fullest_key = None, self.max_wait, None, (0, -1)
+        late, late_age, full, first, first_key = None, self.max_wait, None, None, None
         for layer, queue in enumerate(self.queues):
             if not queue:
                 continue
             age = now - self.entered[queue[0]]
-            if age > oldest_age:
-                oldest, oldest_age = layer, age
-            key = (min(len(queue), self.max_batch), layer)
-            if key > fullest_key:
-                fullest, fullest_key = layer, key
-        return oldest if oldest is not None else fullest
+            if age > late_age:
+                late, late_age = layer, age
+            if len(queue) >= self.max_batch:
+                full = layer
+            key = (min(self.born[slot] for slot in queue), -layer)
+            if first_key is None or key < first_key:
+                first, first_key = layer, key
+        if late is not None:
+            return late
+        return full if full is not None else first
+
+    def _select(self, layer: int) -> list[int]:
+        """The rows of a call: the queue's oldest ``max_batch`` rows, or with ``group_lengths`` and a
+        longer queue, the oldest row plus the rows closest to it in length (least padding)."""
+        queue, size = self.queues[layer], self.max_batch
+        if len(queue) <= size or not self.group_lengths:
+            return [queue.popleft() for _ in range(min(size, len(queue)))]
+        window = list(queue)
+        lengths = [self.row_length[slot] for slot in window]
+        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
+        where = order.index(0)  # the oldest row is always in the call
+        sums = [0]
+        for i in order:
+            sums.append(sums[-1] + lengths[i])
+
+        def waste(first: int) -> int:  # padded tokens of the block order[first:first + size]
+            return size * lengths[order[first + size - 1]] - (sums[first + size] - sums[first])
+
+        first = min(range(max(0, where - size + 1), min(where, len(window) - size) + 1), key=waste)
+        chosen = set(order[first:first + size])
+        queue.clear()
+        queue.extend(slot for i, slot in enumerate(window) if i not in chosen)
+        return [slot for i, slot in enumerate(window) if i in chosen]
 
     def _live(self, slots: list[int]) -> list[int]:
         """Drop (and free) the rows of requests that were cancelled or failed."""
@@ -181,6 +226,8 @@ class ContinuousEngine(BaseEngine):
         context["attention_mask"] = mask
         hidden = model.run_layer(layer, hidden, context)
         self.calls += 1
+        self.tokens[0] += sum(self.row_length[slot] for slot in slots)
+        self.tokens[1] += longest * len(slots)
         if self.on_call:
             self.on_call(layer + 1, len(slots))
         exit_now = model.exit_after.get(layer)

@@ -2,8 +2,12 @@
 
 A request is a list of rows (texts, images); ``submit`` returns a ``concurrent.futures.Future``
 that resolves to one output per row, in order. At most ``max_queue`` rows are accepted and not yet
-answered (waiting or in flight); past that ``submit`` raises ``EngineFull`` at once. One background
-thread owns the model and runs ``_step`` (under ``torch.inference_mode``) while there is work.
+answered (waiting or in flight), and with ``max_queue_wait`` no more than that many seconds of
+work (queued rows / the engine's measured capacity, rows per busy second, decaying over ~10 s):
+past either bound ``submit`` raises ``EngineFull`` at once (load shedding: a request the server
+cannot answer in time is refused in a millisecond instead of timing out after holding a
+connection). One background thread owns the model and runs ``_step`` (under
+``torch.inference_mode``) while there is work.
 Cancelling a future (a client timeout) drops the request's rows that have not run yet.
 ``stop(drain=True)`` refuses new requests (``EngineStopped``) and answers every accepted one first.
 """
@@ -11,6 +15,7 @@ Cancelling a future (a client timeout) drops the request's rows that have not ru
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,7 +33,11 @@ ExitHook = Callable[[int, int], None]
 
 
 class EngineFull(Exception):
-    """The bounded queue is full: retry later (HTTP 503 with Retry-After)."""
+    """The bounded queue is full: retry after ``retry_after`` seconds (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = int(retry_after)
 
 
 class EngineStopped(Exception):
@@ -56,10 +65,12 @@ class BaseEngine:
 
     kind = "base"
 
-    def __init__(self, max_batch: int = 32, max_queue: int = 1024) -> None:
+    def __init__(self, max_batch: int = 32, max_queue: int = 1024, max_queue_wait: Optional[float] = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
+        self.max_queue_wait = max_queue_wait
+        self.busy_rows, self.busy_seconds = 0.0, 0.0  # decaying totals behind ``capacity``
         self.pending: deque[Request] = deque()
         self.depth = 0  # rows accepted and not answered
         self.cond = threading.Condition()
@@ -90,8 +101,15 @@ class BaseEngine:
         with self.cond:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
+            capacity = self.capacity
+            retry = max(1, min(30, math.ceil(self.depth / capacity))) if capacity else 1
             if self.depth + len(items) > self.max_queue:
-                raise EngineFull(f"queue full ({self.depth} rows waiting, limit {self.max_queue})")
+                raise EngineFull(f"queue full ({self.depth} rows waiting, limit {self.max_queue})", retry)
+            if self.max_queue_wait is not None and capacity:
+                wait = (self.depth + len(items)) / capacity
+                if wait > self.max_queue_wait:
+                    raise EngineFull(f"about {wait:.1f} s of work queued ({self.depth} rows at {capacity:.0f} "
+                                     f"rows/s; limit {self.max_queue_wait:g} s)", retry)
             self.depth += len(items)
             self.pending.append(request)
             self.cond.notify_all()
@@ -125,11 +143,24 @@ class BaseEngine:
         return not alive
 
     @property
+    def capacity(self) -> Optional[float]:
+        """Rows answered per busy second lately (None until about half a second of work was seen)."""
+        return self.busy_rows / self.busy_seconds if self.busy_seconds > 0.5 else None
+
+    def _account(self, seconds: float, rows: int) -> None:
+        """Record ``seconds`` of model work that answered ``rows`` rows (the model thread calls this)."""
+        keep = math.exp(-seconds / 10.0)
+        self.busy_rows = self.busy_rows * keep + rows
+        self.busy_seconds = self.busy_seconds * keep + seconds
+
+    @property
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
     def describe(self) -> dict:
-        return {"engine": self.kind, "max_batch": self.max_batch, "max_queue": self.max_queue}
+        return {"engine": self.kind, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "max_queue_wait_s": self.max_queue_wait,
+                "capacity_rows_per_s": None if self.capacity is None else round(self.capacity, 1)}
 
     # ------------------------------------------------------------ for subclasses
     def _check_items(self, items: Sequence[Any]) -> None:

@@ -2,10 +2,11 @@
 
 - ``mmexit_requests_total{endpoint,status}``: HTTP requests answered;
 - ``mmexit_request_latency_seconds{endpoint}``: histogram of request latency (receipt to answer);
-- ``mmexit_exits_total{layer}``: rows answered per exit layer (1-based);
-- ``mmexit_queue_depth``: rows accepted and not answered yet (waiting or in flight);
-- ``mmexit_layer_call_rows{layer}``: histogram of rows per layer call (layer 0 = embedding);
-- ``mmexit_rows_total``: rows answered.
+- ``mmexit_exits_total{engine,layer}``: rows answered per exit layer (1-based);
+- ``mmexit_queue_depth{engine}``: rows accepted and not answered yet (waiting or in flight);
+- ``mmexit_layer_call_rows{engine,layer}``: histogram of rows per layer call (layer 0 = embedding;
+  for the shrinking batch, the rows still in the batch at that layer);
+- ``mmexit_rows_total{engine}``: rows answered.
 """
 
 from __future__ import annotations
@@ -30,20 +31,22 @@ class ServeMetrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("mmexit_request_latency_seconds", "request latency, receipt to answer",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.exits = Counter("mmexit_exits", "rows answered per exit layer", ["layer"], registry=self.registry)
-        self.rows = Counter("mmexit_rows", "rows answered", registry=self.registry)
+        self.exits = Counter("mmexit_exits", "rows answered per exit layer", ["engine", "layer"],
+                             registry=self.registry)
+        self.rows = Counter("mmexit_rows", "rows answered", ["engine"], registry=self.registry)
         self.queue_depth = Gauge("mmexit_queue_depth", "rows accepted and not answered (waiting or in flight)",
-                                 registry=self.registry)
+                                 ["engine"], registry=self.registry)
         self.call_rows = Histogram("mmexit_layer_call_rows", "rows per layer call (layer 0: the embedding)",
-                                   ["layer"], buckets=ROW_BUCKETS, registry=self.registry)
+                                   ["engine", "layer"], buckets=ROW_BUCKETS, registry=self.registry)
 
-    def attach(self, engine: BaseEngine) -> None:
-        self.queue_depth.set_function(lambda: engine.depth)
-        engine.on_call = lambda layer, rows: self.call_rows.labels(str(layer)).observe(rows)
+    def attach(self, name: str, engine: BaseEngine) -> None:
+        """Hook one engine (``name`` labels its series)."""
+        self.queue_depth.labels(name).set_function(lambda: engine.depth)
+        engine.on_call = lambda layer, rows: self.call_rows.labels(name, str(layer)).observe(rows)
 
         def exited(layer: int, rows: int) -> None:
-            self.exits.labels(str(layer)).inc(rows)
-            self.rows.inc(rows)
+            self.exits.labels(name, str(layer)).inc(rows)
+            self.rows.labels(name).inc(rows)
 
         engine.on_exit = exited
 

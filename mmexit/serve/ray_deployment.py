@@ -49,7 +49,7 @@ class MMExitReplica:
             torch.set_num_threads(int(threads))
         predictor = load(run_dir, rule=rule, device=device)
         self.service = build_service(predictor, engine, max_batch, max_queue, Limits(timeout=timeout), slots,
-                                     max_wait_ms).start()
+                                     max_wait_ms).start()  # shed load past timeout / 2 of queued work
 
     def __serve_build_asgi_app__(self):
         from mmexit.serve.app import create_app

@@ -26,16 +26,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="port (0: a free one; default 8000)")
     parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9 or full (default: the run's)")
     parser.add_argument("--engine", choices=ENGINES, default="continuous",
-                        help="text runs: continuous (layer-level batching), batch (shrinking batch) or full "
-                             "(the full model); default continuous")
+                        help="text runs, the default engine: continuous (layer-level batching), batch (shrinking "
+                             "batch) or full (the full model); default continuous")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="text runs: engines a request may pick with ?engine=NAME (comma-separated; default "
+                             "all three, so one server compares them)")
     parser.add_argument("--max-batch", type=int, default=32, help="rows per model call (default 32)")
     parser.add_argument("--max-queue", type=int, default=1024,
                         help="rows accepted and not answered before 503 (default 1024)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)")
-    parser.add_argument("--slots", type=int, help="continuous engine: rows in flight (default 4 x --max-batch)")
+    parser.add_argument("--max-queue-wait", type=float,
+                        help="503 past this many seconds of queued work, from the measured capacity "
+                             "(default: half of --timeout; 0: rows only)")
+    parser.add_argument("--slots", type=int, help="continuous engine: rows in flight (default 8 x --max-batch)")
     parser.add_argument("--max-wait-ms", type=float,
                         help="continuous: age bound of a layer queue (default 100); batch/full/caption: wait "
                              "for a fuller batch (default 5)")
+    parser.add_argument("--no-group-lengths", dest="group_lengths", action="store_false",
+                        help="continuous: take a queue's oldest rows, never group rows of similar length")
     parser.add_argument("--max-texts", type=int, default=256, help="texts per request (default 256)")
     parser.add_argument("--max-chars", type=int, default=20_000, help="characters per text (default 20000)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -45,6 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("max_batch", "max_queue", "max_texts", "max_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    unknown = [name for name in args.engines if name not in ENGINES]
+    if unknown:
+        parser.error(f"--engines: unknown {unknown[0]!r}; allowed: {', '.join(ENGINES)}")
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
     if not 0 <= args.port <= 65535:
@@ -78,9 +90,10 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         predictor = load(args.run_dir, rule=args.rule, device=args.device)
-        limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout)
+        limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout,
+                        max_queue_wait=args.max_queue_wait)
         service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
-                                args.max_wait_ms)
+                                args.max_wait_ms, args.engines, args.group_lengths)
         sock = listen(args.host, args.port)
     except (MMExitError, ValueError) as error:
         print(f"mmexit: error: {error}", file=sys.stderr)
@@ -94,10 +107,10 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
                             timeout_graceful_shutdown=int(args.timeout) + 10, timeout_keep_alive=30)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
-    engine = service.engine.kind if predictor.task != "captioning" else "caption batcher"
-    point = getattr(service, "operating_point", predictor.operating_point)
-    print(f"mmexit: serving {predictor.run_dir} ({predictor.task}, {point}, engine {engine}) on "
-          f"http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
+    health = service.health()
+    engines = "/".join(f"[{name}]" if name == service.default else name for name in service.engines)
+    print(f"mmexit: serving {predictor.run_dir} ({predictor.task}, {health['operating_point']}, engines {engines}) "
+          f"on http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully: these handlers
     # take it, so a drained server exits 0 instead of dying of its own SIGTERM
     for sig in (signal.SIGTERM, signal.SIGINT):

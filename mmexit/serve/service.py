@@ -1,8 +1,9 @@
 """What the HTTP app and the Ray Serve deployment share: request parsing, limits, engines, answers.
 
-``build_service(predictor, engine=...)`` wraps a loaded run (``mmexit.load``) with its engine:
+``build_service(predictor, engine=...)`` wraps a loaded run (``mmexit.load``) with its engines:
   - text runs: ``continuous`` (the layer-level engine, ``mmexit.serve.engine``), ``batch`` (a
-    shrinking batch, today's ``early_exit_forward`` path) or ``full`` (``model.forward_full``);
+    shrinking batch, today's ``early_exit_forward`` path) and ``full`` (``model.forward_full``),
+    all three behind one server (a request picks one with ``?engine=``; ``engine`` is the default);
   - caption runs: a request-level batcher around ``CaptionPredictor.caption``.
 Each bad request raises ``RequestError(status, message)`` with a one-line message; engine
 outcomes map to 503 (queue full, with Retry-After; shutting down) and 504 (timeout).
@@ -39,7 +40,9 @@ class RequestError(Exception):
 @dataclass
 class Limits:
     """Per-request limits: texts and characters per text, images and bytes per image, body bytes,
-    seconds before 504. ``retry_after`` is the Retry-After (s) of a 503."""
+    seconds before 504; ``max_queue_wait``: refuse (503) past this many seconds of queued work
+    (None: half the timeout; 0: no such bound). ``retry_after``: the Retry-After (s) of a 503 when
+    the engine has no estimate yet."""
 
     max_texts: int = 256
     max_chars: int = 20_000
@@ -49,6 +52,14 @@ class Limits:
     max_body_bytes: int = 32 * 2**20
     timeout: float = 30.0
     retry_after: int = 1
+    max_queue_wait: Optional[float] = None
+
+    @property
+    def queue_wait(self) -> Optional[float]:
+        """The engines' ``max_queue_wait`` in seconds, or None for no time bound."""
+        if self.max_queue_wait is None:
+            return self.timeout / 2
+        return self.max_queue_wait if self.max_queue_wait > 0 else None
 
 
 def _type_name(value: Any) -> str:
@@ -70,34 +81,52 @@ def parse_json(body: bytes) -> Any:
 
 
 class Service:
-    """A loaded run, its engine and limits. Subclasses: ``TextService``, ``CaptionService``."""
+    """A loaded run, its engines (by name; ``default`` answers requests that name none) and limits.
+    Subclasses: ``TextService``, ``CaptionService``."""
 
     task = "?"
 
-    def __init__(self, predictor, engine: BaseEngine, limits: Limits) -> None:
-        self.predictor, self.engine, self.limits = predictor, engine, limits
+    def __init__(self, predictor, engines: dict[str, BaseEngine], limits: Limits, default: Optional[str] = None
+                 ) -> None:
+        self.predictor, self.engines, self.limits = predictor, dict(engines), limits
+        self.default = default or next(iter(self.engines))
+
+    @property
+    def engine(self) -> BaseEngine:
+        return self.engines[self.default]
+
+    def engine_named(self, name: Optional[str]) -> BaseEngine:
+        if name is None or name == "":
+            return self.engine
+        if name not in self.engines:
+            raise RequestError(400, f"engine: unknown {name!r}; this server runs {', '.join(self.engines)}")
+        return self.engines[name]
 
     def start(self) -> "Service":
-        self.engine.start()
+        for engine in self.engines.values():
+            engine.start()
         return self
 
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> bool:
-        return self.engine.stop(drain=drain, timeout=timeout)
+        """Stop every engine (draining them one after the other); True when all stopped."""
+        return all([engine.stop(drain=drain, timeout=timeout) for engine in self.engines.values()])
 
     def health(self) -> dict:
-        return {"status": "ok" if self.engine.alive else "stopped", "task": self.predictor.task,
-                "operating_point": self.predictor.operating_point, **self.engine.describe(),
-                "queue_depth": self.engine.depth, "run_dir": str(self.predictor.run_dir),
-                "exit_layers": list(self.predictor.model.exit_layers) if hasattr(self.predictor.model, "exit_layers")
-                else None}
+        engine = self.engine
+        return {"status": "ok" if all(e.alive for e in self.engines.values()) else "stopped",
+                "task": self.predictor.task, "operating_point": self.predictor.operating_point,
+                **engine.describe(), "engines": list(self.engines), "queue_depth": engine.depth,
+                "run_dir": str(self.predictor.run_dir),
+                "exit_layers": list(getattr(self.predictor.model, "exit_layers", []) or []) or None}
 
-    async def run(self, items: Sequence[Any]) -> list:
-        """Submit rows to the engine and await them (503 when full or stopping, 504 on timeout)."""
+    async def run(self, items: Sequence[Any], engine: Optional[str] = None) -> list:
+        """Submit rows to an engine and await them (503 when full or stopping, 504 on timeout)."""
+        chosen = self.engine_named(engine)
         try:
-            future = self.engine.submit(items)
+            future = chosen.submit(items)
         except EngineFull as error:
             raise RequestError(503, f"server busy: {error}; retry later",
-                               {"Retry-After": str(self.limits.retry_after)}) from None
+                               {"Retry-After": str(error.retry_after)}) from None
         except EngineStopped as error:
             raise RequestError(503, str(error), {"Retry-After": str(self.limits.retry_after)}) from None
         try:
@@ -148,22 +177,23 @@ class TextService(Service):
             examples.append(example)
         return examples
 
-    async def classify(self, payload: Any) -> dict:
+    async def classify(self, payload: Any, engine: Optional[str] = None) -> dict:
+        """A parsed ``{"texts": [...]}`` body -> ``{"results": [...], "operating_point": ...}``."""
+        chosen = self.engine_named(engine)
         examples = self.parse(payload)
         predictor = self.predictor
         rows = encode_rows(predictor.processor, examples, predictor.max_length)
-        outputs = await self.run(rows)
+        outputs = await self.run(rows, engine)
         names = predictor.label_names
-        temperatures = None if self.engine.kind == "full" else getattr(predictor.rule, "temperatures", None)
+        temperatures = None if chosen.kind == "full" else getattr(predictor.rule, "temperatures", None)
         return {"results": [row_result(output, names, temperatures) for output in outputs],
-                "operating_point": self.operating_point}
+                "operating_point": self.operating_point(chosen.kind)}
 
-    @property
-    def operating_point(self) -> str:
-        return "full" if self.engine.kind == "full" else self.predictor.operating_point
+    def operating_point(self, kind: Optional[str] = None) -> str:
+        return "full" if (kind or self.engine.kind) == "full" else self.predictor.operating_point
 
     def health(self) -> dict:
-        return super().health() | {"operating_point": self.operating_point}
+        return super().health() | {"operating_point": self.operating_point()}
 
 
 class CaptionService(Service):
@@ -213,27 +243,35 @@ class CaptionService(Service):
 
     async def caption(self, blobs: Sequence[bytes]) -> dict:
         images = self.decode_images(blobs)
-        results = await self.run(images)
+        results = await self.run(images)  # the one engine: the caption batcher
         return {"results": results, "operating_point": self.predictor.operating_point}
 
 
 def build_service(predictor, engine: str = "continuous", max_batch: int = 32, max_queue: int = 1024,
-                  limits: Optional[Limits] = None, slots: Optional[int] = None, max_wait_ms: Optional[float] = None
-                  ) -> Service:
-    """The service of a loaded run with the chosen engine (not started)."""
+                  limits: Optional[Limits] = None, slots: Optional[int] = None, max_wait_ms: Optional[float] = None,
+                  engines: Optional[Sequence[str]] = None, group_lengths: bool = True) -> Service:
+    """The service of a loaded run (not started). Text runs get ``engines`` (default: all three, so one
+    server compares them: ``POST /v1/classify?engine=full``), ``engine`` answering by default."""
     limits = limits or Limits()
     if predictor.task == "captioning":
         batcher = BatchEngine(caption_batch(predictor), "caption", max_batch, max_queue,
-                              5.0 if max_wait_ms is None else max_wait_ms)
-        return CaptionService(predictor, batcher, limits)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+                              5.0 if max_wait_ms is None else max_wait_ms, max_queue_wait=limits.queue_wait)
+        return CaptionService(predictor, {"caption": batcher}, limits)
+    names = list(engines or ENGINES)
+    if engine not in names:
+        names.insert(0, engine)
+    for name in names:
+        if name not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
     model, rule = predictor.model, predictor.rule
     pad_id = int(getattr(predictor.processor, "pad_token_id", 0) or 0)
-    if engine == "continuous":
-        built: BaseEngine = ContinuousEngine(model, rule, predictor.max_length, max_batch, max_queue, slots,
-                                             100.0 if max_wait_ms is None else max_wait_ms, pad_id)
-    else:
-        built = text_batch_engine(model, rule, predictor.max_length, engine == "full", max_batch, max_queue,
-                                  5.0 if max_wait_ms is None else max_wait_ms, pad_id)
-    return TextService(predictor, built, limits)
+    built: dict[str, BaseEngine] = {}
+    for name in names:
+        if name == "continuous":
+            built[name] = ContinuousEngine(model, rule, predictor.max_length, max_batch, max_queue, slots,
+                                           100.0 if max_wait_ms is None else max_wait_ms, pad_id, group_lengths,
+                                           limits.queue_wait)
+        else:
+            built[name] = text_batch_engine(model, rule, predictor.max_length, name == "full", max_batch, max_queue,
+                                            5.0 if max_wait_ms is None else max_wait_ms, pad_id, limits.queue_wait)
+    return TextService(predictor, built, limits, engine)

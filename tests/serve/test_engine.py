@@ -116,7 +116,8 @@ def test_continuous_engine_equals_each_row_alone(setup, rule_name):
     for trial in range(4):
         max_batch = 16 if trial == 0 else rng.choice([1, 3, 8, 16])
         engine = ContinuousEngine(model, rule, MAX_LENGTH, max_batch=max_batch,
-                                  slots=max_batch * rng.choice([1, 2, 4]), max_wait_ms=rng.choice([0.0, 5.0, 100.0]))
+                                  slots=max_batch * rng.choice([1, 2, 4, 8]), max_wait_ms=rng.choice([0.0, 5.0, 100.0]),
+                                  group_lengths=trial != 1)
         calls: list[tuple[int, int]] = []
         engine.on_call = lambda layer, count: calls.append((layer, count))
         if trial:
@@ -132,6 +133,21 @@ def test_continuous_engine_equals_each_row_alone(setup, rule_name):
         mixed += max(count for layer, count in calls if layer > 0) > 5  # rows of several requests shared a call
         assert engine.depth == 0 and len(engine.free) == engine.slots
     assert mixed >= 1
+
+
+@pytest.mark.parametrize("family", ["roberta", "mpnet"])
+def test_other_families_equal_alone(setup, family):
+    """RoBERTa (position ids from the padding) and MPNet (relative position bias per call) pad exactly too."""
+    _, rows = setup
+    model = tiny_model(family=family)
+    rule = MaxProbRule(0.9)
+    reference = alone(model, rule, rows)
+    engine = ContinuousEngine(model, rule, MAX_LENGTH, max_batch=8, pad_id=1 if family == "roberta" else 0)
+    answers = run_interleaved(engine, rows, random.Random(family), started=False)
+    engine.stop()
+    assert [a.exit_layer for a in answers] == [layer for _, layer in reference]
+    for output, (logits, _) in zip(answers, reference):
+        torch.testing.assert_close(output.logits, logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -200,3 +216,35 @@ def test_stop_without_drain_fails_waiting_requests(setup):
     engine.stop(drain=False, timeout=5)
     with pytest.raises(EngineStopped):
         waiting.result(timeout=1)
+
+
+def test_length_grouping_pads_less_and_answers_the_same(setup):
+    """With rows waiting, calls group rows of similar length: fewer padded tokens, identical answers."""
+    model, rows = setup
+    rule = MaxProbRule(0.9)
+    answers, efficiency = {}, {}
+    for group in (False, True):
+        engine = ContinuousEngine(model, rule, MAX_LENGTH, max_batch=8, group_lengths=group)
+        futures = [engine.submit([row]) for row in rows]  # all queued before the start
+        engine.start()
+        answers[group] = [future.result(timeout=30)[0] for future in futures]
+        engine.stop()
+        efficiency[group] = engine.tokens[0] / engine.tokens[1]
+    assert efficiency[True] > efficiency[False] + 0.05, efficiency
+    assert [a.exit_layer for a in answers[True]] == [a.exit_layer for a in answers[False]]
+    for grouped, fifo in zip(answers[True], answers[False]):
+        torch.testing.assert_close(grouped.logits, fifo.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_load_shedding_by_seconds_of_queued_work(setup):
+    """Past ``max_queue_wait`` seconds of work at the measured capacity, submit refuses at once."""
+    model, rows = setup
+    engine = ContinuousEngine(model, MaxProbRule(0.9), MAX_LENGTH, max_queue=100, max_queue_wait=0.5)
+    assert engine.capacity is None
+    engine._account(2.0, 20)  # as if 20 rows were answered in 2 busy seconds: 10 rows/s
+    assert engine.capacity == pytest.approx(10.0)
+    engine.submit(rows[:3])  # 0.3 s of work
+    with pytest.raises(EngineFull, match=r"about 0.6 s of work queued \(3 rows at 10 rows/s; limit 0.5 s\)") as full:
+        engine.submit(rows[3:6])
+    assert full.value.retry_after == 1
+    engine.stop(drain=False)

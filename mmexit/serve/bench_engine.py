@@ -1,0 +1,176 @@
+"""In-process benchmark of the serving engines (no HTTP): saturation throughput and open-loop latency.
+
+    python -m mmexit.serve.bench_engine RUN_DIR --texts outputs/quickstart/predictions_test.jsonl \\
+        [--rule R] [--engines full,batch,continuous] [--rows 1024] [--repeats 3] [--rate 100 --duration 20]
+
+Saturation: ``--rows`` single-text requests are queued at once and the engine runs until the last
+is answered (texts/s; tokenization is done before the timer). Engines are timed alternately
+(A B C A B C ...), median of ``--repeats``. Also reported per engine: texts per CPU-second of the
+model thread (with ``--threads 1`` all compute runs there: a figure that other processes on a
+shared machine disturb far less than wall time), the mean exit layer of the answers, their layer
+speed-up L / mean layer, efficiency (speed-up over full / layer speed-up) and rows per layer call.
+``--rate``: an open-loop run per engine, Poisson arrivals of one text at ``--rate``/s for
+``--duration`` s from a submitting thread, latency p50/p99 from each scheduled arrival.
+Prints a Markdown table (and ``--json``). Meant for the figures in docs/results/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mmexit.data.examples import TextExample
+from mmexit.serve.service import Limits, build_service
+from mmexit.serve.text_rows import encode_rows
+
+
+def read_texts(path: Path, limit: int) -> list[str]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        lines = [row if isinstance(row, str) else row["text"] for row in map(json.loads, lines)]
+    return lines[:limit] if limit else lines
+
+
+class CallStats:
+    """Rows per layer call, collected from an engine's ``on_call`` hook (layers >= 1 only)."""
+
+    def __init__(self) -> None:
+        self.calls, self.rows = 0, 0
+
+    def __call__(self, layer: int, rows: int) -> None:
+        if layer > 0:
+            self.calls += 1
+            self.rows += rows
+
+
+def saturate(engine, rows: list, num_layers: int) -> dict:
+    """Queue every row as its own request at once; time until all are answered."""
+    stats = CallStats()
+    engine.on_call = stats
+    clock = time.pthread_getcpuclockid(engine.thread.ident)  # the model thread's CPU time
+    start, cpu = time.perf_counter(), time.clock_gettime(clock)
+    futures = [engine.submit([row]) for row in rows]
+    outputs = [future.result(timeout=600)[0] for future in futures]
+    seconds, cpu = time.perf_counter() - start, time.clock_gettime(clock) - cpu
+    engine.on_call = None
+    mean_layer = statistics.fmean(o.exit_layer for o in outputs)
+    return {"seconds": seconds, "texts_per_s": len(rows) / seconds, "texts_per_cpu_s": len(rows) / cpu,
+            "mean_exit_layer": mean_layer,
+            "layer_speedup": num_layers / mean_layer, "rows_per_call": stats.rows / max(1, stats.calls),
+            "row_layers_per_s": len(rows) * mean_layer / seconds}
+
+
+def open_loop(engine, rows: list, rate: float, duration: float, seed: int = 0) -> dict:
+    """Poisson arrivals of single rows at ``rate``/s for ``duration`` s; latency from scheduled arrival."""
+    rng, latencies, lock = random.Random(seed), [], threading.Lock()
+    start = time.perf_counter()
+    arrival, index, futures = start, 0, []
+
+    def done(scheduled: float):
+        def callback(_future) -> None:
+            with lock:
+                latencies.append(time.perf_counter() - scheduled)
+        return callback
+
+    while True:
+        arrival += rng.expovariate(rate)
+        if arrival - start > duration:
+            break
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        future = engine.submit([rows[index % len(rows)]])
+        future.add_done_callback(done(arrival))
+        futures.append(future)
+        index += 1
+    for future in futures:
+        future.result(timeout=600)
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"offered": rate, "requests": len(futures), "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+            "served_per_s": len(futures) / (time.perf_counter() - start)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmexit.serve.bench_engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--texts", required=True, help=".jsonl (a text field) or one text per line")
+    parser.add_argument("--rule", help="operating point (default: the run's)")
+    parser.add_argument("--engines", default="full,batch,continuous")
+    parser.add_argument("--rows", type=int, default=1024, help="texts per saturation run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--slots", type=int)
+    parser.add_argument("--max-wait-ms", type=float)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-group-lengths", dest="group_lengths", action="store_false")
+    parser.add_argument("--rate", type=float, help="also an open-loop run at this many texts/s per engine")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmexit.serve.load import load
+
+    predictor = load(args.run_dir, rule=args.rule, device="cpu")
+    names = [name for name in args.engines.split(",") if name]
+    limits = Limits(max_queue_wait=0)  # no load shedding: every queued row is measured
+    service = build_service(predictor, names[0], args.max_batch, max_queue=max(args.rows, 100_000), limits=limits,
+                            slots=args.slots, max_wait_ms=args.max_wait_ms, engines=names,
+                            group_lengths=args.group_lengths).start()
+    texts = read_texts(Path(args.texts), args.rows)
+    rows = encode_rows(predictor.processor, [TextExample(t, None, 0) for t in texts], predictor.max_length)
+    num_layers = predictor.model.num_layers
+    for name in names:  # warm-up
+        saturate(service.engines[name], rows[:64], num_layers)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            runs[name].append(saturate(service.engines[name], rows, num_layers))
+    results = []
+    full_rate = statistics.median(r["texts_per_s"] for r in runs["full"]) if "full" in runs else None
+    for name in names:
+        median = {key: statistics.median(r[key] for r in runs[name]) for key in runs[name][0]}
+        median["engine"] = name
+        if full_rate:
+            full_cpu = statistics.median(r["texts_per_cpu_s"] for r in runs["full"])
+            median["vs_full"] = median["texts_per_s"] / full_rate
+            median["efficiency"] = median["vs_full"] / median["layer_speedup"]
+            median["cpu_vs_full"] = median["texts_per_cpu_s"] / full_cpu
+        if args.rate:
+            median["open_loop"] = open_loop(service.engines[name], rows, args.rate, args.duration)
+        results.append(median)
+    service.stop()
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+               f"rule {predictor.operating_point}, {len(rows)} texts, max batch {args.max_batch}, "
+               f"continuous: {service.engines.get('continuous').describe() if 'continuous' in names else '-'}")
+    if args.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        return 0
+    print(f"{machine}; median of {args.repeats}, engines alternated")
+    print("| engine | texts/s | vs full | texts per CPU-s (model thread) | vs full | mean exit layer | "
+          "layer speed-up | efficiency | rows per layer call |" + (" open loop p50 / p99 ms |" if args.rate else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.rate else ""))
+    for r in results:
+        cells = [r["engine"], f"{r['texts_per_s']:.1f}", f"{r.get('vs_full', float('nan')):.2f}",
+                 f"{r['texts_per_cpu_s']:.1f}", f"{r.get('cpu_vs_full', float('nan')):.2f}",
+                 f"{r['mean_exit_layer']:.2f}", f"{r['layer_speedup']:.2f}", f"{r.get('efficiency', float('nan')):.2f}",
+                 f"{r['rows_per_call']:.1f}"]
+        if args.rate:
+            cells.append(f"{r['open_loop']['p50_ms']:.0f} / {r['open_loop']['p99_ms']:.0f} @ {args.rate:g}/s")
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
