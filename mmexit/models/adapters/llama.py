@@ -33,10 +33,15 @@ ARCHITECTURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "n
 def build_llama_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,
                         **config: Any) -> nn.Module:
     """LlamaForCausalLM: random init from LlamaConfig keys (tied embeddings unless told), or a local
-    HF folder / hub name; the vocabulary is resized to ``vocab_size`` when it differs."""
+    HF folder / hub name / packaged source (``pypi:smollm2-135m``); the vocabulary is resized to
+    ``vocab_size`` when it differs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if pretrained:
+        if pretrained.startswith("pypi:"):
+            from mmexit.models.sources import resolve_packaged
+
+            pretrained = str(resolve_packaged(pretrained))
         try:
             decoder = LlamaForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", dtype=torch.float32)
         except Exception as error:
