@@ -38,14 +38,16 @@ class CaptionPairs(Dataset):
 
 
 class CaptionCollator:
-    """collate_fn: pairs -> {"images" [B, 3, S, S], "input_ids" [B, T], "labels" [B, T]}."""
+    """collate_fn: pairs -> {key: images [B, 3, S, S], "input_ids" [B, T], "labels" [B, T]}.
 
-    def __init__(self, images: Tensor, tokenizer, max_length: int) -> None:
-        self.images, self.tokenizer, self.max_length = images, tokenizer, max_length
+    key "encoded": ``images`` holds a frozen encoder's features [N, P, D] instead of pixels."""
+
+    def __init__(self, images: Tensor, tokenizer, max_length: int, key: str = "images") -> None:
+        self.images, self.tokenizer, self.max_length, self.key = images, tokenizer, max_length, key
 
     def __call__(self, pairs: list[tuple[int, list[int]]]) -> dict[str, Tensor]:
         tokenizer = self.tokenizer
         inputs, targets = batch_tensors([ids for _, ids in pairs], tokenizer.bos_id, tokenizer.eos_id,
                                         tokenizer.pad_id, self.max_length)
-        return {"images": self.images[torch.tensor([index for index, _ in pairs])], "input_ids": inputs,
+        return {self.key: self.images[torch.tensor([index for index, _ in pairs])], "input_ids": inputs,
                 "labels": targets}

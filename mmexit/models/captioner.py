@@ -5,8 +5,13 @@ Wrap, don't fork: the encoder is ``timm.create_model`` (or Hugging Face ``ViTMod
 ``GPT2LMHeadModel`` built with ``add_cross_attention=True`` (``gpt2``, the default: it reads the
 image by cross-attention) or a ``LlamaForCausalLM`` (``llama``: the projected image patches are a
 prefix of input embeddings before the caption), driven through ``mmexit.models.adapters.gpt2`` /
-``.llama``. mmexit adds a linear projection from the encoder width to the decoder width and exits
-after a list of decoder layers.
+``.llama``. mmexit adds a projection (linear, or a small MLP) from the encoder width to the
+decoder width and exits after a list of decoder layers. The encoder (``encoder.freeze``) and the
+decoder (``decoder.freeze``) may stay frozen: then only the projection and the exit heads train.
+
+``head_ids`` (spec; recipe ``model.head_vocabulary: captions``): every head computes logits only
+for these token ids (those of the training captions + specials), -1e9 elsewhere. A 49k-token LM
+head costs as much as ~8 SmolLM2 layers per token, which a per-token exit check cannot afford.
 
 Exit heads (``exit_head``):
 - ``shared`` (default): the decoder's final norm (GPT-2 ``ln_f`` / LLaMA RMSNorm ``model.norm``)
@@ -30,7 +35,7 @@ from torch import Tensor, nn
 from mmexit.errors import ModelLoadError, RecipeError
 from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
 from mmexit.models.adapters.llama import LlamaDecoderAdapter, build_llama_decoder
-from mmexit.models.adapters.vision import build_image_encoder
+from mmexit.models.adapters.vision import FrozenEncoder, build_image_encoder
 
 EXIT_HEADS = ("shared", "norm", "adapter")
 #: decoder.type -> (builder, adapter class); the adapter is chosen by the model's config.model_type
@@ -81,7 +86,15 @@ class Captioner(nn.Module):
         if exit_head not in EXIT_HEADS:
             raise RecipeError(f"model.exit_head: {exit_head!r} is not allowed; allowed: {', '.join(EXIT_HEADS)}")
         self.exit_head = exit_head
-        self.projection = nn.Linear(encoder.width, width)
+        self.projection = build_projection(self.spec.get("projection", "linear"), encoder.width, width)
+        head_ids = self.spec.get("head_ids")  # the token ids the heads may emit (None: the whole vocabulary)
+        self.register_buffer("head_ids", torch.tensor(sorted(set(head_ids)), dtype=torch.long) if head_ids else None,
+                             persistent=False)
+        self.encoder_frozen = any(isinstance(module, FrozenEncoder) for module in encoder.modules())
+        self.decoder_frozen = bool((self.spec.get("decoder") or {}).get("freeze"))
+        if self.decoder_frozen:  # the pretrained LM stays as it is; exits and the projection train
+            for parameter in decoder.parameters():
+                parameter.requires_grad_(False)
         internal = len(exits) - 1
         if exit_head == "norm":
             self.exit_modules = nn.ModuleList(copy.deepcopy(self.adapter.norm_module) for _ in range(internal))
@@ -104,9 +117,15 @@ class Captioner(nn.Module):
         return self.adapter.vocab_size
 
     def head_kind(self, parameter_name: str) -> str | None:
-        """"internal" for a parameter of an internal exit's head, None for the rest (the backbone;
-        the final head is the decoder's own ln_f + LM head). Two-stage training reads this."""
-        return "internal" if parameter_name.startswith("exit_modules.") else None
+        """"internal" for a parameter of an internal exit's head, "frozen" for a frozen encoder's or
+        decoder's (never trained), None for the rest (the backbone; the final head is the decoder's
+        own ln_f + LM head). The trainer's ``set_trainable`` reads this."""
+        if parameter_name.startswith("exit_modules."):
+            return "internal"
+        if (self.encoder_frozen and parameter_name.startswith("encoder.")) or \
+                (self.decoder_frozen and parameter_name.startswith("decoder.")):
+            return "frozen"
+        return None
 
     def encode(self, images: Tensor) -> Tensor:
         """images [batch, 3, H, W] -> decoder-width image features [batch, patches, width]
@@ -124,7 +143,17 @@ class Captioner(nn.Module):
             hidden = module(hidden) if self.exit_head == "norm" else self.adapter.final_norm(module(hidden))
         else:
             hidden = self.adapter.final_norm(hidden)
-        return self.adapter.lm_head(hidden)
+        if self.head_ids is None:
+            return self.adapter.lm_head(hidden)
+        # a caption vocabulary: only its rows of the LM head are computed (SmolLM2: ~1.5k of 49k rows,
+        # an exit head then costs less than a layer); the other tokens get a large finite negative
+        # (not -inf: 0 * inf would make a distillation term NaN)
+        head = self.adapter.decoder.lm_head  # nn.Linear [vocab, width] (both adapters)
+        rows = nn.functional.linear(hidden, head.weight.index_select(0, self.head_ids),
+                                    None if head.bias is None else head.bias.index_select(0, self.head_ids))
+        floor = -3.0e4 if rows.dtype == torch.float16 else -1.0e9
+        logits = rows.new_full((*hidden.shape[:-1], self.vocab_size), floor)
+        return logits.index_copy_(-1, self.head_ids, rows)
 
     def forward_exits(self, features: Tensor, input_ids: Tensor) -> Tensor:
         """Teacher-forced logits of every exit.
@@ -145,19 +174,36 @@ class Captioner(nn.Module):
                 exit_position += 1
         return torch.stack(outputs)
 
-    def forward(self, images: Tensor, input_ids: Tensor, final_only: bool = False) -> Tensor:
+    def forward(self, images: Tensor | None = None, input_ids: Tensor | None = None, final_only: bool = False,
+                encoded: Tensor | None = None) -> Tensor:
         """Training entry point (losses call ``model(...)`` so DDP wrappers see the forward).
 
-        images [batch, 3, H, W]; input_ids [batch, seq]. Returns [num_exits, batch, seq, vocab]
-        (``final_only``: [1, batch, seq, vocab], the last exit only).
+        images [batch, 3, H, W], or ``encoded`` [batch, patches, encoder width]: the encoder's output
+        computed earlier (a frozen encoder's features are the same every epoch); input_ids [batch,
+        seq]. Returns [num_exits, batch, seq, vocab] (``final_only``: [1, batch, seq, vocab]).
         """
-        logits = self.forward_exits(self.encode(images), input_ids)
+        features = self.projection(encoded) if encoded is not None else self.encode(images)
+        logits = self.forward_exits(features, input_ids)
         return logits[-1:] if final_only else logits
 
 
+PROJECTIONS = ("linear", "mlp")
+
+
+def build_projection(kind: str, encoder_width: int, width: int) -> nn.Module:
+    """Encoder width -> decoder width: one linear map, or ``mlp`` (linear, GELU, linear; ClipCap's
+    mapping for a frozen decoder)."""
+    if kind == "linear":
+        return nn.Linear(encoder_width, width)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(encoder_width, width), nn.GELU(), nn.Linear(width, width))
+    raise RecipeError(f"model.projection: {kind!r} is not allowed; allowed: {', '.join(PROJECTIONS)}")
+
+
 def build_captioner(spec: dict) -> Captioner:
-    """Build from a spec: {encoder: {type, name, pretrained, kwargs}, decoder: {type (gpt2 | llama),
-    pretrained, config}, vocab_size, special_ids: {bos, eos, pad}, exits, exit_head}.
+    """Build from a spec: {encoder: {type, name, pretrained, freeze, pool_grid, kwargs}, decoder:
+    {type (gpt2 | llama), pretrained, freeze, config}, projection, vocab_size, special_ids:
+    {bos, eos, pad}, exits, exit_head}.
 
     decoder.config: GPT2Config keys (gpt2) or LlamaConfig keys (llama); decoder.pretrained: a hub
     name or local HF folder (e.g. ``resolve_packaged("pypi:smollm2-135m")``)."""

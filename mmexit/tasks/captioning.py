@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.data.caption_batches import CaptionCollator, CaptionPairs, batch_tensors
-from mmexit.data.caption_tokenizer import load_pretrained_tokenizer, load_word_tokenizer, train_word_tokenizer
+from mmexit.data.caption_tokenizer import (
+    caption_vocabulary, load_pretrained_tokenizer, load_word_tokenizer, train_word_tokenizer,
+)
 from mmexit.data.coco import CaptionItem, check_items, load_coco_annotations, load_images, load_karpathy
 from mmexit.errors import CalibrationError, DataError, ModelLoadError, RecipeError
 from mmexit.exits.base import ExitRule
@@ -110,7 +112,10 @@ class CaptioningTask(Task):
         model = recipe["model"]
         return {
             "encoder": dict(model["encoder"], kwargs=dict(model["encoder"]["kwargs"] or {})),
-            "decoder": {"pretrained": model["decoder"]["pretrained"], "config": dict(model["decoder"]["config"] or {})},
+            "decoder": {"type": model["decoder"]["type"], "pretrained": model["decoder"]["pretrained"],
+                        "freeze": model["decoder"]["freeze"], "config": dict(model["decoder"]["config"] or {})},
+            "projection": model["projection"],
+            "head_vocabulary": model["head_vocabulary"],
             "vocab_size": tokenizer.vocab_size,
             "special_ids": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
             "exits": model["exits"],
@@ -135,7 +140,10 @@ class CaptioningTask(Task):
                 tokenizer = train_word_tokenizer(captions, recipe["tokenizer"]["min_frequency"])
             else:
                 tokenizer = load_pretrained_tokenizer(recipe["tokenizer"]["name"])
-            return build_captioner(self._spec(recipe, tokenizer)), tokenizer
+            spec = self._spec(recipe, tokenizer)
+            if spec["head_vocabulary"] == "captions":
+                spec["head_ids"] = caption_vocabulary(tokenizer, [c for item in run.data["train"] for c in item.captions])
+            return build_captioner(spec), tokenizer
         folder = self._trained_folder(run)
         if not (folder / "captioner.json").is_file():
             raise RecipeError(f"run.stages: no trained captioner in {folder} (add the train stage, or set "
@@ -163,10 +171,15 @@ class CaptioningTask(Task):
         images = self.images(run, "train")
         captions = [[run.processor.encode(c) for c in item.captions] for item in run.data["train"]]
         dataset = CaptionPairs(images, captions)
-        collate = CaptionCollator(images, run.processor, train["max_length"])
+        model = run.model
+        unwrapped = run.accelerator.unwrap_model(model)
+        if unwrapped.encoder_frozen:  # the same features every epoch: encode each image once
+            encoded = encode_frozen(unwrapped, images, quiet=not run.accelerator.is_local_main_process)
+            collate = CaptionCollator(encoded, run.processor, train["max_length"], key="encoded")
+        else:
+            collate = CaptionCollator(images, run.processor, train["max_length"])
         seed = recipe["run"]["seed"]
         loss_cfg = train["loss"]
-        model = run.model
         weights = loss_cfg["exit_weights"]
         if weights == "depth":  # captioning's depth weights are the exits' layer numbers
             weights = [float(layer) for layer in model.exits]
@@ -254,6 +267,16 @@ def token_statistics(model: Captioner, images: torch.Tensor, captions: list[list
     return ExitStatistics(torch.cat(label_list), list(model.exits), model.vocab_size,
                           torch.cat(logits_kept, 1) if keep_logits else None,
                           torch.cat(confidence, 1), torch.cat(prediction, 1))
+
+
+def encode_frozen(model: Captioner, images: torch.Tensor, batch_size: int = 32, quiet: bool = False) -> torch.Tensor:
+    """A frozen encoder's outputs [N, P, D] (before the trained projection) for images [N, 3, S, S], on CPU."""
+    device = next(model.parameters()).device
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, images.shape[0], batch_size), desc="encode (frozen)", disable=quiet, leave=False):
+            chunks.append(model.encoder(images[start:start + batch_size].to(device)).cpu())
+    return torch.cat(chunks)
 
 
 def _load_args(recipe: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -106,8 +107,34 @@ class FrozenEncoder(nn.Module):
             return self.encoder(images)
 
 
+class PooledTokens(nn.Module):
+    """Average a ViT's patch grid down to ``grid`` x ``grid`` tokens, after its leading tokens (CLS,
+    registers): [batch, lead + S*S, width] -> [batch, lead + grid*grid, width]. A short image prefix
+    keeps a prefix decoder's cost low (DINOv2-S at 224 px: 1 + 256 tokens -> 1 + 16 with grid 4)."""
+
+    def __init__(self, encoder: nn.Module, grid: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.grid = int(grid)
+        self.width = encoder.width
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.encoder(images)
+        count = tokens.shape[1]
+        for lead in range(0, 9):  # CLS + up to 8 register tokens
+            side = math.isqrt(count - lead)
+            if side * side == count - lead:
+                break
+        else:
+            raise ModelLoadError(f"model.encoder.pool_grid: {count} encoder tokens are not a square patch grid")
+        patches = tokens[:, lead:].transpose(1, 2).reshape(tokens.shape[0], self.width, side, side)
+        pooled = nn.functional.adaptive_avg_pool2d(patches, self.grid).flatten(2).transpose(1, 2)
+        return torch.cat([tokens[:, :lead], pooled], dim=1)
+
+
 def build_image_encoder(spec: dict) -> nn.Module:
-    """{type: timm | hf_vit | hf, name, pretrained, freeze, kwargs} -> an encoder module with ``width``."""
+    """{type: timm | hf_vit | hf, name, pretrained, freeze, pool_grid, kwargs} -> an encoder module
+    with ``width`` (frozen: ``FrozenEncoder``; pooled: ``PooledTokens``)."""
     kind = spec.get("type", "timm")
     kwargs = dict(spec.get("kwargs") or {})
     if kind == "timm":
@@ -118,4 +145,6 @@ def build_image_encoder(spec: dict) -> nn.Module:
         encoder = HFImageEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
     else:
         raise ModelLoadError(f"model.encoder.type: unknown encoder type {kind!r}; allowed: timm, hf_vit, hf")
-    return FrozenEncoder(encoder) if spec.get("freeze") else encoder
+    if spec.get("freeze"):
+        encoder = FrozenEncoder(encoder)
+    return PooledTokens(encoder, spec["pool_grid"]) if spec.get("pool_grid") else encoder
