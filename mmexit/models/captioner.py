@@ -19,7 +19,8 @@ Exit heads (``exit_head``):
   hidden state after the exit's layer. No new parameters.
 - ``norm``: a learned copy of the final norm per internal exit + the shared LM head.
 - ``adapter``: a per-exit residual linear adapter (zero-initialised) before the final norm + LM head.
-The last exit is always the decoder's own final norm + LM head (the full model).
+The last exit is the decoder's own final norm + LM head (the full model); with a frozen decoder
+and ``adapter`` heads it gets an adapter too (the frozen head alone cannot adapt to captions).
 
 A spec dict (``captioner.json``) rebuilds the architecture; weights live in ``model.safetensors``.
 """
@@ -96,10 +97,12 @@ class Captioner(nn.Module):
             for parameter in decoder.parameters():
                 parameter.requires_grad_(False)
         internal = len(exits) - 1
+        # a frozen decoder's own head cannot learn the captions' style: its last exit gets an adapter too
+        self.final_adapter = exit_head == "adapter" and self.decoder_frozen
         if exit_head == "norm":
             self.exit_modules = nn.ModuleList(copy.deepcopy(self.adapter.norm_module) for _ in range(internal))
         elif exit_head == "adapter":
-            self.exit_modules = nn.ModuleList(ExitAdapter(width) for _ in range(internal))
+            self.exit_modules = nn.ModuleList(ExitAdapter(width) for _ in range(internal + self.final_adapter))
         else:
             self.exit_modules = nn.ModuleList()
 
@@ -121,7 +124,8 @@ class Captioner(nn.Module):
         decoder's (never trained), None for the rest (the backbone; the final head is the decoder's
         own ln_f + LM head). The trainer's ``set_trainable`` reads this."""
         if parameter_name.startswith("exit_modules."):
-            return "internal"
+            last = self.final_adapter and parameter_name.startswith(f"exit_modules.{len(self.exit_modules) - 1}.")
+            return "final" if last else "internal"
         if (self.encoder_frozen and parameter_name.startswith("encoder.")) or \
                 (self.decoder_frozen and parameter_name.startswith("decoder.")):
             return "frozen"

@@ -98,3 +98,18 @@ def test_training_from_encoded_features_equals_training_from_images():
     with torch.no_grad():
         encoded = model.encoder(images)
     torch.testing.assert_close(model(encoded=encoded, input_ids=ids), model(images, ids))
+
+
+def test_a_frozen_decoder_with_adapter_heads_gets_a_final_adapter():
+    torch.manual_seed(0)
+    model = build_captioner(_frozen_spec())
+    assert len(model.exit_modules) == model.num_exits  # one per exit, the last one included
+    assert model.head_kind(f"exit_modules.{model.num_exits - 1}.linear.weight") == "final"
+    assert model.head_kind("exit_modules.0.linear.weight") == "internal"
+    hidden = torch.randn(2, 32)
+    with torch.no_grad():  # zero-initialised: the final exit starts as the decoder's own head
+        torch.testing.assert_close(model.exit_logits(model.num_exits - 1, hidden),
+                                   model.adapter.lm_head(model.adapter.final_norm(hidden)))
+        model.exit_modules[-1].linear.bias.fill_(1.0)
+        assert not torch.allclose(model.exit_logits(model.num_exits - 1, hidden),
+                                  model.adapter.lm_head(model.adapter.final_norm(hidden)))

@@ -280,3 +280,20 @@ def test_cli_exit_status_from_a_shell(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("mmexit: error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_control_table_prints_one_row_per_delta_with_the_speedup_ratio():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("control_table", Path(__file__).parents[2] / "tools" / "control_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = {"mean_accuracy": 0.9, "violation_rate": 0.1, "mean_speedup": 2.0}
+    report = {"task": "t", "calib_size": 10, "test_size": 10, "first_exit_accuracy": 0.8, "full_accuracy": 0.9,
+              "alpha": 0.1, "splits": 5, "deltas": [0.8, 0.85],
+              "rows": [{**row, "delta": d, "method": m} for d in (0.8, 0.85) for m in ("pcee", "pcee-ltt")]}
+    report["rows"][1]["mean_speedup"] = 3.0  # pcee-ltt at delta 0.8
+    lines = module.table(report).splitlines()
+    assert lines[-2].startswith("| 0.800 | 90.0 / 10% / 2.00x | - | - | 90.0 / 10% / 3.00x") and lines[-2].endswith("| 1.50 |")
+    assert lines[-1].endswith("| 1.00 |")
