@@ -15,6 +15,11 @@ K/V are true at each position; the prefix is complete) and ``waiting`` [rows, of
 width] (the hidden state of a position still waiting for deeper layers).
 
 Rows are a batch of sequences (or beams); ``select`` keeps or reorders them.
+
+Per-row positions (the continuous decoder, ``mmexit.inference.continuous_decoder``): rows of one
+call may sit at different cache positions. ``write_rows_and_read`` writes each row's K/V at its own
+position and returns a mask over positions 0..own position; ``SlotCache`` is a pool of ``slots``
+rows that images enter (``admit``: their constants and prefix K/V) and leave one by one.
 """
 
 from __future__ import annotations
@@ -83,12 +88,66 @@ class DecoderCache:
         self.keys[layer][rows, :, positions] = key
         self.values[layer][rows, :, positions] = value
 
+    def write_rows_and_read(self, layer: int, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor,
+                            length: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Write K/V [r, kv_heads, hd] at (rows[r], positions[r]), each row at its own cache position.
+
+        Returns K/V [r, kv_heads, length, hd] of ``rows`` and the mask [r, 1, 1, length] (True = may
+        attend: positions 0..own position). length: positions to read, max(positions) + 1 when None.
+        """
+        self.write(layer, rows, positions, key, value)
+        length = int(positions.max()) + 1 if length is None else length
+        mask = torch.arange(length, device=positions.device)[None, :] <= positions[:, None]  # [r, length]
+        keys = self.keys[layer][:, :, :length].index_select(0, rows)
+        return keys, self.values[layer][:, :, :length].index_select(0, rows), mask[:, None, None, :]
+
     def constant(self, layer: int, rows: Optional[Tensor]):
         """The layer's constant K/V (e.g. cross-attention) for ``rows`` (None = all), or None."""
         stored = self.constants[layer]
         if stored is None or rows is None:
             return stored
         return tuple(part[rows] for part in stored)
+
+
+class SlotCache(DecoderCache):
+    """A ``DecoderCache`` of ``slots`` rows (slots) that images take and free one by one.
+
+    Every image has the same prefix length (``offset``; 0 for GPT-2, the patches for LLaMA) and at
+    most ``max_len`` caption positions. ``admit`` writes a new image's per-layer constants
+    (cross-attention K/V) and prefix K/V into its slot; whatever a slot's earlier image left at
+    later positions is never read (reads are masked to 0..own position, written first).
+    """
+
+    def __init__(self, adapter, slots: int, prefix_length: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.offset = int(prefix_length)
+        self.size = self.offset + max_len
+        shape = (slots, adapter.num_kv_heads, self.size, adapter.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(adapter.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(adapter.num_layers)]
+        self.constants: list = [None] * adapter.num_layers  # allocated at the first admission
+        self.slots = slots
+        self.depth = self.waiting = None
+
+    def admit(self, adapter, slots: Tensor, features: Tensor) -> None:
+        """Images features [n, patches, width] take the slots [n]: their constants and prefix K/V."""
+        fresh = DecoderCache(adapter, features, 0)  # constants + prefix K/V (positions 0..offset-1) only
+        if fresh.offset != self.offset:
+            raise ValueError(f"an image has a prefix of {fresh.offset} positions, this cache holds {self.offset}")
+        for layer in range(len(self.keys)):
+            if self.offset:
+                self.keys[layer][slots, :, :self.offset] = fresh.keys[layer]
+                self.values[layer][slots, :, :self.offset] = fresh.values[layer]
+            constant = fresh.constants[layer]
+            if constant is None:
+                continue
+            if self.constants[layer] is None:
+                self.constants[layer] = tuple(part.new_zeros(self.slots, *part.shape[1:]) for part in constant)
+            for pool, part in zip(self.constants[layer], constant):
+                if pool.shape[1:] != part.shape[1:]:
+                    raise ValueError(f"image features of shape {tuple(part.shape[1:])} do not fit this cache's "
+                                     f"{tuple(pool.shape[1:])} (every image must have the same patches)")
+                pool[slots] = part
 
 
 @dataclass
@@ -154,13 +213,19 @@ def chunk_layout(cache: DecoderCache, hidden: Tensor, row_ids: Tensor, t: int, w
     return ChunkLayout(cache, row_ids, t, chunk, positions, write, valid, past, mask, c, int(counts.sum()))
 
 
-def propagate(adapter, cache: DecoderCache, exited: list[tuple[Tensor, Tensor, int]], t: int) -> None:
-    """CALM's state propagation: K/V of the layers each exited row skipped at cache position t, from
-    its exit hidden state. exited: (cache rows [n], hidden [n, width], exit layer number) per exit."""
-    first = min(layer for _, _, layer in exited)
+def propagate(adapter, cache: DecoderCache, exited: list[tuple], t: Optional[int] = None) -> None:
+    """CALM's state propagation: K/V of the layers each exited row skipped at its cache position, from
+    its exit hidden state. exited: (cache rows [n], hidden [n, width], exit layer number) per exit, all
+    at cache position t; or, with t None, (cache rows [n], hidden [n, width], exit layer number, cache
+    positions [n]) per exit, each row at its own position (the continuous decoder)."""
+    first = min(entry[2] for entry in exited)
     for layer in range(first, adapter.num_layers):  # 0-based layer `layer` was skipped by rows with exit <= layer
-        parts = [(rows, hidden) for rows, hidden, exit_layer in exited if exit_layer <= layer]
+        parts = [entry for entry in exited if entry[2] <= layer]
         rows = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
         hidden = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-        key, value = adapter.project_kv(layer, hidden, t)
-        cache.write(layer, rows, t, key, value)
+        if t is not None:
+            positions = t
+        else:
+            positions = parts[0][3] if len(parts) == 1 else torch.cat([p[3] for p in parts])
+        key, value = adapter.project_kv(layer, hidden, positions)
+        cache.write(layer, rows, positions, key, value)

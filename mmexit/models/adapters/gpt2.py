@@ -8,12 +8,14 @@ decoder one layer and one new position at a time against a KV cache that mmexit 
 - ``prefix_length(features)`` / ``prefill(cache, features)``: cache positions an image prefix
   takes and the writing of its K/V (GPT-2 reads the image by cross-attention: 0, nothing);
 - ``step(index, hidden, cache, rows, t)``: one new position through one layer;
+- ``step_rows(index, hidden, cache, rows, positions)``: one new position per row through one
+  layer, each row at its own cache position (the continuous decoder);
 - ``span(index, hidden, cache, rows, start)``: n consecutive new positions through one layer
   (speculative verification);
 - ``chunk(index, hidden, cache, row_ids, t, waiting)``: the new position plus earlier positions
   waiting at this layer, as one causal chunk (the deferred policy);
-- ``project_kv(index, hidden, t)``: K/V of a layer at position t computed from a hidden state
-  (state propagation).
+- ``project_kv(index, hidden, t)``: K/V of a layer at position t (an int, or one per row) computed
+  from a hidden state (state propagation).
 Positions given to these are cache positions. The block maths calls the block's own modules
 (``ln_1``, ``attn.c_attn``, ``crossattention``, ``mlp``); nothing of transformers is copied.
 ``mmexit.models.adapters.llama`` is the same seam for LLaMA-family decoders.
@@ -126,7 +128,32 @@ class GPT2DecoderAdapter:
         keys, values = cache.write_span_and_read(index, rows, start, self._heads(key), self._heads(value))
         out = F.scaled_dot_product_attention(self._heads(query), keys, values,
                                              attn_mask=span_mask(start, n, hidden.device), scale=attention.scaling)
-        hidden = hidden + attention.c_proj(out.transpose(1, 2).reshape(r, n, width))
+        return self._after_self_attention(index, hidden, out, cache, rows)
+
+    def step_rows(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, positions: Tensor,
+                  length: Optional[int] = None) -> Tensor:
+        """Layer ``index`` for one new position per row, each at its own cache position.
+
+        hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written there, the
+        query reads positions 0..own position); length: max(positions) + 1 if known. -> [r, width].
+        """
+        block = self.blocks[index]
+        hidden = hidden[:, None]  # [r, 1, width]
+        attention = block.attn
+        query, key, value = attention.c_attn(block.ln_1(hidden)).split(self.width, dim=-1)
+        r, heads, head_dim = hidden.shape[0], self.num_heads, self.head_dim
+        keys, values, mask = cache.write_rows_and_read(index, rows, positions, key.reshape(r, heads, head_dim),
+                                                       value.reshape(r, heads, head_dim), length)
+        out = F.scaled_dot_product_attention(self._heads(query), keys, values, attn_mask=mask, scale=attention.scaling)
+        return self._after_self_attention(index, hidden, out, cache, rows)[:, 0]
+
+    def _after_self_attention(self, index: int, hidden: Tensor, out: Tensor, cache: DecoderCache,
+                              rows: Optional[Tensor]) -> Tensor:
+        """Layer ``index`` after its self-attention: out [r, heads, n, hd] -> c_proj + residual,
+        cross-attention, MLP; hidden [r, n, width] (the layer's input) -> [r, n, width]."""
+        block = self.blocks[index]
+        r, n, width = hidden.shape
+        hidden = hidden + block.attn.c_proj(out.transpose(1, 2).reshape(r, n, width))
         cross_keys, cross_values = cache.constant(index, rows)
         cross = block.crossattention
         query = self._heads(cross.q_attn(block.ln_cross_attn(hidden)))
@@ -161,9 +188,9 @@ class GPT2DecoderAdapter:
         chunk = chunk + block.mlp(block.ln_2(chunk))
         return layout.finish(index, chunk), layout.caught_up
 
-    def project_kv(self, index: int, hidden: Tensor, t: int = 0) -> tuple[Tensor, Tensor]:
+    def project_kv(self, index: int, hidden: Tensor, t: int | Tensor = 0) -> tuple[Tensor, Tensor]:
         """K/V of layer ``index`` from hidden [n, width] (no attention, no MLP): 2 x [n, heads, hd].
-        GPT-2's K/V do not depend on the position t (learned absolute embeddings)."""
+        GPT-2's K/V do not depend on the position t (an int or [n]; learned absolute embeddings)."""
         block = self.blocks[index]
         projection = block.attn.c_attn  # Conv1D: x @ weight + bias, weight [width, 3 * width]
         width = self.width

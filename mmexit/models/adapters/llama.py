@@ -1,10 +1,11 @@
 """LLaMA-family decoders (``LlamaForCausalLM``) behind mmexit's decoder adapter.
 
-The same seam as ``mmexit.models.adapters.gpt2`` (see there for the list of calls), for a decoder
-with RMSNorm, rotary positions (RoPE), grouped-query attention (``num_kv_heads`` <= ``num_heads``)
-and a SwiGLU MLP. The maths calls the model's own modules: ``input_layernorm``,
-``self_attn.q_proj/k_proj/v_proj/o_proj``, ``post_attention_layernorm``, ``mlp``, ``model.norm``,
-``lm_head``, ``model.rotary_emb`` (cos/sin) and transformers' ``apply_rotary_pos_emb``.
+The same seam as ``mmexit.models.adapters.gpt2`` (see there for the list of calls, ``step_rows``
+included), for a decoder with RMSNorm, rotary positions (RoPE), grouped-query attention
+(``num_kv_heads`` <= ``num_heads``) and a SwiGLU MLP. The maths calls the model's own modules:
+``input_layernorm``, ``self_attn.q_proj/k_proj/v_proj/o_proj``, ``post_attention_layernorm``,
+``mlp``, ``model.norm``, ``lm_head``, ``model.rotary_emb`` (cos/sin) and transformers'
+``apply_rotary_pos_emb``.
 
 A LLaMA decoder has no cross-attention: the image (or a text prompt) is a *prefix* of input
 embeddings [rows, P, width] at positions 0..P-1. ``prefix_length`` is P; ``prefill`` runs the
@@ -167,6 +168,18 @@ class LlamaDecoderAdapter:
         """Layer ``index`` for one new cache position t; hidden [r, width]; rows: cache rows (None = all)."""
         return self.span(index, hidden[:, None], cache, rows, t)[:, 0]
 
+    def step_rows(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, positions: Tensor,
+                  length: Optional[int] = None) -> Tensor:
+        """Layer ``index`` for one new position per row, each at its own cache position (and rotary
+        position). hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written
+        there, the query reads 0..own position); length: max(positions) + 1 if known. -> [r, width]."""
+        block = self.blocks[index]
+        hidden = hidden[:, None]  # [r, 1, width]
+        cos, sin = self.rotary(positions, hidden)  # [r, hd]
+        query, key, value = self._qkv(block, hidden, cos[:, None], sin[:, None])
+        keys, values, mask = cache.write_rows_and_read(index, rows, positions, key[:, :, 0], value[:, :, 0], length)
+        return self._finish(block, hidden, query, keys, values, mask)[:, 0]
+
     def span(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Optional[Tensor], start: int) -> Tensor:
         """Layer ``index`` for new positions start..start+n-1 (causal); hidden [r, n, width] -> [r, n, width]."""
         block = self.blocks[index]
@@ -190,9 +203,9 @@ class LlamaDecoderAdapter:
         chunk = self._finish(block, chunk, query, keys, values, layout.mask)
         return layout.finish(index, chunk), layout.caught_up
 
-    def project_kv(self, index: int, hidden: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """K/V of layer ``index`` at cache position t from hidden [n, width] (norm, k/v projections,
-        RoPE at t; no attention, no MLP): 2 x [n, kv_heads, hd]."""
+    def project_kv(self, index: int, hidden: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
+        """K/V of layer ``index`` at cache position t (an int, or [n]: one per row) from hidden
+        [n, width] (norm, k/v projections, RoPE at t; no attention, no MLP): 2 x [n, kv_heads, hd]."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         block = self.blocks[index]
@@ -201,8 +214,9 @@ class LlamaDecoderAdapter:
         n = hidden.shape[0]
         key = attention.k_proj(normed).view(n, self.num_kv_heads, 1, self.head_dim)
         value = attention.v_proj(normed).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = self.rotary(torch.tensor([t], device=hidden.device), hidden)
-        _, key = apply_rotary_pos_emb(key, key, cos[None], sin[None])  # [n, kv_heads, 1, hd]
+        positions = torch.tensor([t], device=hidden.device) if isinstance(t, int) else t
+        cos, sin = self.rotary(positions, hidden)  # [1 or n, hd]
+        _, key = apply_rotary_pos_emb(key, key, cos[:, None], sin[:, None])  # [n, kv_heads, 1, hd]
         return key[:, :, 0], value
 
     def architecture(self) -> dict:

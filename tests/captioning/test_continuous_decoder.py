@@ -1,0 +1,281 @@
+"""The layer-level continuous caption decoder (``mmexit.inference.continuous_decoder``) against
+step-synchronous greedy decoding, on tiny random GPT-2 (cross-attention) and LLaMA (image prefix,
+RoPE, grouped-query attention) captioners.
+
+Each image's tokens and layers per token equal ``greedy_decode`` on the image alone (batch 1,
+``propagate``) for rules that stop rows at different layers (stateless max-prob, stateful patience,
+saturation that reads hidden states and no logits), whatever the slot count, arrival order, late
+submissions and scheduler settings (age bound, depth bias); each token's exit logits and every K/V
+a token reads equal the batch-1 stepper's up to float noise; the full model equals
+``greedy_decode(rule=None)``; a finished row's slot is reused; rows at different caption positions
+share layer calls.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "llama"))  # llama_testing
+
+from llama_testing import llama_spec  # noqa: E402
+from mmexit.exits.confidence import MaxProbRule  # noqa: E402
+from mmexit.exits.patience import PatienceRule  # noqa: E402
+from mmexit.exits.saturation import SaturationRule  # noqa: E402
+from mmexit.inference.continuous_decoder import ContinuousDecoder, continuous_greedy_decode  # noqa: E402
+from mmexit.inference.search import greedy_decode  # noqa: E402
+from mmexit.inference.stepper import CachedStepper  # noqa: E402
+from mmexit.models.captioner import build_captioner  # noqa: E402
+
+MAX_LEN = 10
+BOS = 1
+IMAGES = 6
+#: per family: EOS id, rules (each stops tokens at several layers on these tiny models)
+FAMILIES = {
+    "gpt2": (2, {"maxprob": MaxProbRule(0.5), "patience": PatienceRule(1), "saturation": SaturationRule(0.8)}),
+    "llama": (5, {"maxprob": MaxProbRule(0.4), "patience": PatienceRule(1), "saturation": SaturationRule(0.8)}),
+}
+RULES = ["maxprob", "patience", "saturation"]
+NO_AGE_BOUND = 10**9
+#: scheduler settings (max_wait, depth_bias): the default; oldest queue first; fullest queue first with
+#: a short age bound; deepest queue first (step-synchronous sweeps); fullest with no age bound
+SCHEDULERS = {"default": (None, 2.5), "oldest": (0, 2.5), "fullest_wait2": (2, 0.0),
+              "deepest": (NO_AGE_BOUND, 1e9), "fullest_unbounded": (NO_AGE_BOUND, 0.0)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(make_spec) -> dict:
+    """family -> (captioner, features [IMAGES, patches, width], eos id): tests/captioning's tiny GPT-2
+    captioner and tests/llama's tiny LLaMA one."""
+    built = {}
+    for family, spec in (("gpt2", make_spec()), ("llama", llama_spec())):
+        eos = FAMILIES[family][0]
+        torch.manual_seed(0)
+        model = build_captioner(spec).eval()
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            features = model.encode(torch.randn(IMAGES, 3, 32, 32))
+        built[family] = (model, features, eos)
+    return built
+
+
+@torch.inference_mode()
+def alone(model, features, rule, eos: int) -> dict:
+    """greedy_decode of one image (batch 1, propagate), replayed through a batch-1 ``CachedStepper``
+    for its exit logits [n, vocab] and cache."""
+    result = greedy_decode(model, features[None], rule, MAX_LEN, BOS, eos, "propagate")
+    tokens, layers = result.tokens[0], result.token_layers[0]
+    stepper = CachedStepper(model, features[None], rule, MAX_LEN, "propagate")
+    logits = []
+    for t, token in enumerate([BOS] + tokens[:-1]):
+        step_logits, step_layers = stepper.step(torch.tensor([token]), t)
+        assert int(step_layers[0]) == layers[t]
+        logits.append(step_logits[0].float())
+    return {"tokens": tokens, "layers": layers, "logits": torch.stack(logits), "cache": stepper.cache}
+
+
+@pytest.fixture(scope="module")
+def references(models) -> dict:
+    """(family, rule name or None) -> per image: ``alone``'s result."""
+    table = {}
+    for family, (model, features, eos) in models.items():
+        rules = {None: None, **FAMILIES[family][1]}
+        for name, rule in rules.items():
+            table[family, name] = [alone(model, features[i], rule, eos) for i in range(IMAGES)]
+    return table
+
+
+def check_captions(captions, expected, logits_tolerance: float = 1e-5) -> None:
+    """Tokens and layers exactly, exit logits with a tolerance."""
+    for caption, reference in zip(captions, expected):
+        assert caption.done
+        assert caption.tokens == reference["tokens"]
+        assert caption.layers == reference["layers"]
+        torch.testing.assert_close(torch.stack(caption.logits), reference["logits"], atol=logits_tolerance,
+                                   rtol=logits_tolerance)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule_name", RULES)
+def test_rules_stop_rows_at_different_layers(models, references, family, rule_name):
+    """The premise of the exactness tests: tokens exit at three or more layers, captions differ in length."""
+    model = models[family][0]
+    layers = [layer for reference in references[family, rule_name] for layer in reference["layers"]]
+    assert len(set(layers)) >= 3 and min(layers) < model.num_layers
+    assert len({len(reference["tokens"]) for reference in references[family, rule_name]}) >= 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule_name", RULES)
+@pytest.mark.parametrize("slots", [1, 2, 4, IMAGES])
+@pytest.mark.parametrize("scheduler", SCHEDULERS, ids=list(SCHEDULERS))
+def test_each_row_equals_greedy_alone(models, references, family, rule_name, slots, scheduler):
+    model, features, eos = models[family]
+    rule = FAMILIES[family][1][rule_name]
+    max_wait, depth_bias = SCHEDULERS[scheduler]
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, max_wait=max_wait, depth_bias=depth_bias,
+                                keep_logits=True)
+    ids = decoder.submit(features)
+    captions = decoder.run()
+    check_captions([captions[i] for i in ids], references[family, rule_name])
+    assert decoder.in_flight == 0 and not decoder.busy
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("order", [[5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 3, 4]], ids=["reversed", "shuffled"])
+def test_arrival_order_and_images_submitted_while_decoding(models, references, family, order):
+    """Images arrive in another order, half of them after decoding started; each row is unchanged."""
+    model, features, eos = models[family]
+    rule = FAMILIES[family][1]["maxprob"]
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, 3, BOS, eos, keep_logits=True)
+    first = decoder.submit(features[order[:3]])
+    for _ in range(7):
+        decoder.step()
+    assert decoder.busy and decoder.in_flight > 0
+    later = decoder.submit(features[order[3:]])
+    captions = decoder.run()
+    expected = references[family, "maxprob"]
+    check_captions([captions[i] for i in first + later], [expected[i] for i in order])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("slots", [1, 4, IMAGES])
+def test_full_model_equals_greedy_full(models, references, family, slots):
+    model, features, eos = models[family]
+    full = greedy_decode(model, features, None, MAX_LEN, BOS, eos)
+    result = continuous_greedy_decode(model, features, None, MAX_LEN, BOS, eos, slots=slots)
+    assert result.tokens == full.tokens
+    assert result.token_layers == full.token_layers
+    assert torch.equal(result.layers, full.layers) and torch.equal(result.exit_index, full.exit_index)
+    decoder = ContinuousDecoder(model, None, MAX_LEN, slots, BOS, eos, keep_logits=True)
+    ids = decoder.submit(features)
+    captions = decoder.run()
+    check_captions([captions[i] for i in ids], references[family, None])
+    assert decoder.row_layers == model.num_layers * sum(len(tokens) for tokens in full.tokens)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_kv_a_token_reads_equals_the_row_alone(models, references, family):
+    """One slot per image (no reuse): each slot's K/V equal the batch-1 stepper's wherever a token
+    wrote or read them: the image prefix, and caption position i at layer m when token i ran layer m
+    or a later token did (then token i's K/V there were propagated if it skipped the layer). K/V a
+    later token never reads are never propagated (a row that finished drops them)."""
+    model, features, eos = models[family]
+    rule = FAMILIES[family][1]["maxprob"]
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, IMAGES, BOS, eos)
+    ids = decoder.submit(features)
+    captions = decoder.run()
+    compared = 0
+    for image, reference in zip(ids, references[family, "maxprob"]):
+        caption, cache = captions[image], reference["cache"]
+        for layer in range(model.num_layers):
+            for mine, theirs in ((decoder.cache.keys, cache.keys), (decoder.cache.values, cache.values)):
+                torch.testing.assert_close(mine[layer][caption.slot, :, :cache.offset],
+                                           theirs[layer][0, :, :cache.offset], atol=1e-5, rtol=1e-5)
+            for i in range(len(caption.tokens)):
+                if layer >= max(caption.layers[i:]):
+                    continue
+                position = cache.offset + i
+                for mine, theirs in ((decoder.cache.keys, cache.keys), (decoder.cache.values, cache.values)):
+                    torch.testing.assert_close(mine[layer][caption.slot, :, position], theirs[layer][0, :, position],
+                                               atol=1e-5, rtol=1e-5)
+                compared += layer >= caption.layers[i]  # a propagated entry
+    assert compared > 0
+    assert not decoder.unpropagated
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_finished_rows_slot_is_reused(models, references, family):
+    model, features, eos = models[family]
+    rule = FAMILIES[family][1]["maxprob"]
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, 2, BOS, eos, keep_logits=True)
+    ids = decoder.submit(features)
+    most_in_flight = 0
+    while decoder.step():
+        most_in_flight = max(most_in_flight, decoder.in_flight)
+    captions = [decoder.captions[i] for i in ids]
+    assert most_in_flight == 2
+    assert {caption.slot for caption in captions} == {0, 1}
+    assert decoder.cache.keys[0].shape[0] == 2  # the pool holds 2 rows for 6 images
+    check_captions(captions, references[family, "maxprob"])  # stale K/V of a slot's earlier image never leak
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_at_different_positions_share_layer_calls(models, monkeypatch, family):
+    """The point of the decoder: one layer call serves tokens of different caption positions."""
+    model, features, eos = models[family]
+    adapter, calls = model.adapter, []
+    original = adapter.step_rows
+
+    def spy(index, hidden, cache, rows, positions, length=None):
+        calls.append((index, positions.tolist()))
+        return original(index, hidden, cache, rows, positions, length)
+
+    monkeypatch.setattr(adapter, "step_rows", spy)
+    decoder = ContinuousDecoder(model, FAMILIES[family][1]["maxprob"], MAX_LEN, 3, BOS, eos)
+    decoder.submit(features)
+    decoder.run()
+    assert decoder.calls == len(calls)
+    assert any(len(set(positions)) > 1 for _, positions in calls)
+    assert decoder.row_layers == sum(len(positions) for _, positions in calls)
+
+
+@pytest.mark.parametrize("policy", ["deferred", "oracle", "nonsense"])
+def test_other_policies_are_refused(models, policy):
+    model = models["gpt2"][0]
+    with pytest.raises(ValueError, match="propagate"):
+        ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 2, policy=policy)
+
+
+def test_llama_project_kv_takes_a_position_per_row(models):
+    """project_kv with positions [n] == project_kv at each row's int position (RoPE per row)."""
+    model = models["llama"][0]
+    adapter = model.adapter
+    torch.manual_seed(4)
+    hidden = torch.randn(3, adapter.width)
+    positions = torch.tensor([4, 9, 6])
+    with torch.inference_mode():
+        keys, values = adapter.project_kv(1, hidden, positions)
+        for row, position in enumerate(positions.tolist()):
+            key, value = adapter.project_kv(1, hidden[row:row + 1], position)
+            torch.testing.assert_close(keys[row:row + 1], key)
+            torch.testing.assert_close(values[row:row + 1], value)
+
+
+def test_bench_tool_on_a_tiny_random_captioner():
+    """tools/bench_caption_continuous.py --random: four decoders, the continuous captions equal the
+    step-synchronous ones, early exit runs fewer layers per token than the full model."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "tools/bench_caption_continuous.py", "--random", "--width", "32", "--layers", "4",
+         "--heads", "2", "--vocab", "30", "--images", "6", "--rows", "3", "--max-len", "6", "--repeats", "1",
+         "--json"], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    rows = {row["decoder"]: row for row in report["rows_table"]}
+    assert set(rows) == {"step-sync full", "step-sync exit", "continuous full", "continuous exit"}
+    assert rows["continuous exit"]["same_captions"] == rows["step-sync exit"]["same_captions"] == 6
+    assert rows["step-sync full"]["row_layer_speedup"] == rows["continuous full"]["row_layer_speedup"] == 1.0
+    assert rows["continuous exit"]["row_layer_speedup"] == rows["step-sync exit"]["row_layer_speedup"] > 1.0
+
+
+def test_images_of_another_shape_are_refused(models):
+    model, features, _ = models["gpt2"]
+    decoder = ContinuousDecoder(model, None, MAX_LEN, 2)
+    decoder.submit(features[:2])
+    with pytest.raises(ValueError, match="same patches"):
+        decoder.submit(features[:1, :2])
