@@ -26,15 +26,11 @@ import torch  # noqa: E402
 
 
 def test_images(run_dir: Path, recipe: dict, count: int) -> list[Path]:
-    """The first ``count`` test images of the run, in the order of its predictions_test.jsonl."""
-    from mmexit.errors import DataError
+    """The first ``count`` images of the run's test split (COCO, Karpathy or generated scenes), in
+    the evaluation's order."""
+    from mmexit.tasks.captioning import load_splits
 
-    folder = Path(recipe["data"]["image_dirs"][recipe["data"]["test_split"]])
-    predictions = run_dir / "predictions_test.jsonl"
-    if not predictions.is_file():
-        raise DataError(f"{predictions}: missing (run the evaluate stage first)")
-    names = [json.loads(line)["image"] for line in predictions.read_text().splitlines() if line.strip()]
-    return [folder / name for name in names[:count]]
+    return [item.path for item in load_splits(recipe)["test"][:count]]
 
 
 def image_args(recipe: dict) -> tuple:

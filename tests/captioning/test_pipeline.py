@@ -103,6 +103,24 @@ def test_reduced_quickstart_end_to_end(tmp_path):
         assert [r["caption"] for r in results] == [line[entry["key"]]["caption"] for line in lines]
         assert [r["layers"] for r in results] == [line[entry["key"]]["layers"] for line in lines]
     assert mmexit.load(out, device="cpu").operating_point == points[0]["key"]
+    # the benchmark tools read the run folder: speculative captions equal full greedy's, and the
+    # continuous decoder's equal the step-synchronous decoder's
+    import subprocess
+    import sys
+
+    tools = REPO / "tools"
+    speculative = subprocess.run([sys.executable, str(tools / "bench_caption_speculative.py"), str(out), "--images", "4",
+                                  "--draft-layers", "1", "2", "--draft-tokens", "2", "--repeats", "1", "--json"],
+                                 capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert speculative.returncode == 0, speculative.stderr[-2000:]
+    report = json.loads(speculative.stdout)
+    assert len(report["rows"]) == 3 and all(row["exact"] for row in report["rows"])
+    continuous = subprocess.run([sys.executable, str(tools / "bench_caption_continuous.py"), str(out), "--rule",
+                                 "maxprob@0.5", "--images", "6", "--rows", "3", "--repeats", "1", "--json"],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert continuous.returncode == 0, continuous.stderr[-2000:]
+    table = {row["decoder"]: row for row in json.loads(continuous.stdout)["rows_table"]}
+    assert table["continuous exit"]["same_captions"] == 6
     # evaluate again from the saved model and calibration, without training
     again = run_validated(dict(recipe, run=dict(recipe["run"], stages=["evaluate", "report"], overwrite=True)))
     assert [r["rule"] for r in again] == [r["rule"] for r in rows]
