@@ -44,13 +44,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "for a fuller batch (default 5)")
     parser.add_argument("--no-group-lengths", dest="group_lengths", action="store_false",
                         help="continuous: take a queue's oldest rows, never group rows of similar length")
+    parser.add_argument("--max-connections", type=int, default=1024,
+                        help="connections and requests the HTTP layer holds at once; past it a new one gets 503 "
+                             "before its body is read (uvicorn's limit_concurrency; default 1024)")
     parser.add_argument("--max-texts", type=int, default=256, help="texts per request (default 256)")
     parser.add_argument("--max-chars", type=int, default=20_000, help="characters per text (default 20000)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_texts", "max_chars"):
+    for name in ("max_batch", "max_queue", "max_connections", "max_texts", "max_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
@@ -104,7 +107,8 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
 
     app = create_app(service)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(args.timeout) + 10, timeout_keep_alive=30)
+                            timeout_graceful_shutdown=int(args.timeout) + 10, timeout_keep_alive=30,
+                            limit_concurrency=args.max_connections)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     health = service.health()

@@ -45,6 +45,7 @@ def test_a_bad_run_folder_is_one_line_and_exit_2(capsys):
     (["{run}", "--port", "99999"], r"--port must be 0..65535$"),
     (["{run}", "--engine", "fast"], r"argument --engine: invalid choice: 'fast'"),
     (["{run}", "--max-batch", "0"], r"--max-batch must be >= 1$"),
+    (["{run}", "--max-connections", "0"], r"--max-connections must be >= 1$"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     from mmexit.serve.serve_cli import serve_main
@@ -63,19 +64,50 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert re.search(message, lines[-1]), lines
 
 
+def start_server(run: Path, *args: str) -> tuple[subprocess.Popen, str | None]:
+    """``mmexit serve RUN --port 0 ARGS`` as a process, and its URL once it listens (None if it did not start)."""
+    process = subprocess.Popen(serve_command(str(run), "--port", "0", *args),
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment())
+    url, deadline = None, time.monotonic() + 90
+    while url is None and time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        url = found.group(1) if found else None
+    return process, url
+
+
+def test_past_max_connections_a_request_gets_503_at_once(tmp_path):
+    """The HTTP layer's admission limit: with 2 requests held by a slow rule, the others get 503, not a wait."""
+    run = make_tiny_run(tmp_path / "run")
+    process, url = start_server(run, "--rule", "slow@0.9", "--max-connections", "2", "--threads", "1")
+    try:
+        assert url, "the server did not start"
+        statuses: list = [None] * 8
+
+        def client(index: int) -> None:
+            try:
+                statuses[index] = httpx.post(f"{url}/v1/classify", json={"texts": ["good film"]}, timeout=30).status_code
+            except Exception as error:  # noqa: BLE001 - recorded for the assertion
+                statuses[index] = repr(error)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
+    finally:
+        process.kill()
+        process.wait(10)
+
+
 def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path):
     run = make_tiny_run(tmp_path / "run")
-    process = subprocess.Popen(serve_command(str(run), "--port", "0", "--rule", "slow@0.9", "--max-batch", "4",
-                                             "--threads", "1"),
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment())
+    process, url = start_server(run, "--rule", "slow@0.9", "--max-batch", "4", "--threads", "1")
     try:
-        url, deadline = None, time.monotonic() + 90
-        while url is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line and process.poll() is not None:
-                break
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-            url = found.group(1) if found else None
         assert url, "the server did not start"
         assert httpx.get(f"{url}/health", timeout=10).json()["operating_point"] == "slow@0.9"
         results: list = [None] * 6
