@@ -153,6 +153,6 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
             blobs = [await upload.read(limits.max_image_bytes + 1) for upload in files]
         else:
             blobs = service.parse_json_images(parse_json(await read_body(request, limits.max_body_bytes)))
-        return JSONResponse(await service.caption(blobs))
+        return JSONResponse(await service.caption(blobs, request.query_params.get("engine")))
 
     return app

@@ -27,7 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9 or full (default: the run's)")
     parser.add_argument("--engine", choices=ENGINES, default="continuous",
                         help="text runs, the default engine: continuous (layer-level batching), batch (shrinking "
-                             "batch) or full (the full model); default continuous")
+                             "batch) or full (the full model); default continuous. Caption runs answer with the "
+                             "request batcher; continuous also offers the continuous decoder (?engine=continuous)")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="text runs: engines a request may pick with ?engine=NAME (comma-separated; default "
                              "all three, so one server compares them)")

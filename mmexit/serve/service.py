@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from mmexit.data.examples import TextExample
 from mmexit.serve.batcher import BatchEngine, caption_batch, text_batch_engine
+from mmexit.serve.caption_engine import ContinuousCaptionEngine, continuous_captions_supported
 from mmexit.serve.engine import ContinuousEngine
 from mmexit.serve.engine_base import BaseEngine, EngineFull, EngineStopped
 from mmexit.serve.text_rows import encode_rows, row_result
@@ -241,9 +242,12 @@ class CaptionService(Service):
                 raise RequestError(400, f"images[{position}]: not valid base64") from None
         return blobs
 
-    async def caption(self, blobs: Sequence[bytes]) -> dict:
+    async def caption(self, blobs: Sequence[bytes], engine: Optional[str] = None) -> dict:
+        """Images -> captions, by the request batcher (``caption``, the default) or, where the server
+        offers it, the continuous decoder (``?engine=continuous``)."""
+        self.engine_named(engine)
         images = self.decode_images(blobs)
-        results = await self.run(images)  # the one engine: the caption batcher
+        results = await self.run(images, engine)
         return {"results": results, "operating_point": self.predictor.operating_point}
 
 
@@ -256,7 +260,13 @@ def build_service(predictor, engine: str = "continuous", max_batch: int = 32, ma
     if predictor.task == "captioning":
         batcher = BatchEngine(caption_batch(predictor), "caption", max_batch, max_queue,
                               5.0 if max_wait_ms is None else max_wait_ms, max_queue_wait=limits.queue_wait)
-        return CaptionService(predictor, {"caption": batcher}, limits)
+        captioners: dict[str, BaseEngine] = {"caption": batcher}
+        recipe = getattr(predictor, "recipe", None)
+        if engine == "continuous" and "continuous" in (engines or ENGINES) and recipe is not None and \
+                continuous_captions_supported(recipe) is None:
+            captioners["continuous"] = ContinuousCaptionEngine(predictor, slots or max_batch, max_queue,
+                                                               limits.queue_wait)
+        return CaptionService(predictor, captioners, limits, "caption")
     names = list(engines or ENGINES)
     if engine not in names:
         names.insert(0, engine)
