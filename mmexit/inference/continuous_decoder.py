@@ -54,7 +54,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.exits.base import ExitRule, ExitView, RuleState, check_state, subset_state
+from mmexit.exits.base import ExitRule, RuleState, check_state, subset_state
+from mmexit.inference.exit_loop import decide_at_exit
 from mmexit.inference.kv_cache import SlotCache, propagate
 from mmexit.inference.search import DecodeResult, _exit_positions
 
@@ -289,12 +290,9 @@ class ContinuousDecoder:
         Returns (stop [n] bool, logits [stopped, vocab] of the rows that stop), or (None, None) when
         no row stops. ``state`` is updated in place by the rule.
         """
-        model, rule = self.model, self.rule
+        model = self.model
         logits = model.exit_logits(exit_index, hidden) if self.needs_logits else None
-        needs_hidden = rule.needs_hidden or logits is None
-        view = ExitView(logits, exit_index, model.num_exits, hidden if needs_hidden else None)
-        stop = rule.decide(view, state)
-        check_state(rule, state, hidden.shape[0])
+        stop = decide_at_exit(self.rule, exit_index, model.num_exits, logits, hidden, state)
         if not bool(stop.any()):
             return None, None
         return stop, logits[stop] if logits is not None else model.exit_logits(exit_index, hidden[stop])

@@ -22,6 +22,17 @@ from torch import Tensor
 from mmexit.exits.base import ExitRule, ExitView, check_state, subset_state
 
 
+def decide_at_exit(rule: ExitRule, exit_index: int, num_exits: int, logits: Optional[Tensor],
+                   hidden: Optional[Tensor], state: dict) -> Tensor:
+    """The rule's stop mask [rows] at internal exit ``exit_index``; ``state`` (the rows' rule state)
+    is updated in place and checked. logits [rows, classes] or None (rules that read none: then the
+    view carries ``hidden`` [rows, width]); hidden is passed only to rules that read it."""
+    needs_hidden = rule.needs_hidden or logits is None  # a view needs one of the two for its rows
+    stop = rule.decide(ExitView(logits, exit_index, num_exits, hidden if needs_hidden else None), state)
+    check_state(rule, state, stop.shape[0])
+    return stop
+
+
 class ActiveRows:
     """Book-keeping of one batch going through the exits of a model.
 
@@ -66,10 +77,7 @@ class ActiveRows:
         Returns the bool mask [active] of rows to keep when some rows stopped, else None (nothing
         to drop). Sets ``done`` when no row is left.
         """
-        needs_hidden = self.rule.needs_hidden or logits is None  # a view needs one of the two for its rows
-        view = ExitView(logits, exit_index, self.num_exits, hidden if needs_hidden else None)
-        stop = self.rule.decide(view, self.state)  # [active] bool
-        check_state(self.rule, self.state, stop.shape[0])
+        stop = decide_at_exit(self.rule, exit_index, self.num_exits, logits, hidden, self.state)  # [active] bool
         if self.keep_all:
             newly = stop & self.undecided
             if bool(newly.any()):

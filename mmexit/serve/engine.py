@@ -42,7 +42,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from mmexit.exits.base import ExitRule, ExitView, check_state
+from mmexit.exits.base import ExitRule, check_state
+from mmexit.inference.exit_loop import decide_at_exit
 from mmexit.models.encoder import MultiExitEncoder
 from mmexit.serve.engine_base import BaseEngine, EngineFull, EngineStopped, Request
 from mmexit.serve.text_rows import EncodedRow, RowOutput, pad_rows
@@ -241,9 +242,7 @@ class ContinuousEngine(BaseEngine):
             stop = torch.ones(len(slots), dtype=torch.bool, device=self.device)
         else:
             state = self._gather_state(slots)
-            view = ExitView(logits, exit_now, model.num_exits, pooled if self.rule.needs_hidden else None)
-            stop = self.rule.decide(view, state)  # [rows] bool
-            check_state(self.rule, state, len(slots))
+            stop = decide_at_exit(self.rule, exit_now, model.num_exits, logits, pooled, state)  # [rows] bool
             self._scatter_state(slots, state)
         self._finish(slots, stop, logits, exit_now)
         keep = ~stop

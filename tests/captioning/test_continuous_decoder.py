@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "llama"))  # llama_testing
 
-from llama_testing import llama_spec  # noqa: E402
+from llama_testing import EOS as LLAMA_EOS, llama_spec  # noqa: E402
 from mmexit.exits.confidence import MaxProbRule  # noqa: E402
 from mmexit.exits.patience import PatienceRule  # noqa: E402
 from mmexit.exits.saturation import SaturationRule  # noqa: E402
@@ -36,7 +36,7 @@ IMAGES = 6
 #: per family: EOS id, rules (each stops tokens at several layers on these tiny models)
 FAMILIES = {
     "gpt2": (2, {"maxprob": MaxProbRule(0.5), "patience": PatienceRule(1), "saturation": SaturationRule(0.8)}),
-    "llama": (5, {"maxprob": MaxProbRule(0.4), "patience": PatienceRule(1), "saturation": SaturationRule(0.8)}),
+    "llama": (LLAMA_EOS, {"maxprob": MaxProbRule(0.4), "patience": PatienceRule(1), "saturation": SaturationRule(0.8)}),
 }
 RULES = ["maxprob", "patience", "saturation"]
 NO_AGE_BOUND = 10**9
