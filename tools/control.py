@@ -2,7 +2,7 @@
 """Does a method deliver the accuracy a user dials in? Re-split a run's exit outputs and check.
 
     python tools/control.py RUN_DIR [--splits 50] [--json] [--deltas 0.8 0.85] [--alpha 0.1] [--seed 0]
-                            [--methods pcee pcee-ltt ...]
+                            [--methods pcee pcee-ltt ...] [--calib-size N]
 
 RUN_DIR is a run folder holding ``exit_outputs.safetensors`` (or that file itself). The calibration
 and test samples are pooled and re-split ``--splits`` times; each method (the paper's PCEE,
@@ -62,6 +62,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-splits (default 0)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"methods to compare (default: all): {', '.join(METHODS)}")
+    parser.add_argument("--calib-size", type=int, default=None, metavar="N",
+                        help="samples in each calibration part (default: the run's calibration split size)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         outputs = load_exit_outputs(args.run_dir)
         report = run_control_check(outputs, _deltas(args.deltas), args.splits, args.alpha, args.seed, args.methods,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, calib_size=args.calib_size)
     except MMExitError as error:
         close_progress_bars()
         print(f"mmexit: error: {error}", file=sys.stderr)

@@ -5,7 +5,9 @@
     python tools/control_table.py control_sst2.json control_mrpc.json ...
 
 Cells: mean achieved accuracy (x100) / violation rate / mean layer speed-up, per target delta and
-method; the last column is the guaranteed PCEE's (pcee-ltt) speed-up over the paper PCEE's.
+method; then the reference ``oracle-maxprob`` (the fastest max-prob threshold with violations <= alpha
+on the test parts themselves, when the report has it) and the guaranteed PCEE's (pcee-ltt) speed-up
+over the paper PCEE's.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ def table(report: dict) -> str:
     lines = [f"### {report['task']}: calibration part {report['calib_size']}, test part {report['test_size']}, "
              f"first exit {report['first_exit_accuracy']:.3f}, full model {report['full_accuracy']:.3f}, "
              f"alpha {report['alpha']}, {report['splits']} splits", "",
-             "| delta | " + " | ".join(METHODS) + " | pcee-ltt / pcee speed-up |",
-             "|---|" + "---|" * (len(METHODS) + 1)]
-    rows = {(row["delta"], row["method"]): row for row in report["rows"]}
+             "| delta | " + " | ".join(METHODS) + " | oracle-maxprob (reference) | pcee-ltt / pcee speed-up |",
+             "|---|" + "---|" * (len(METHODS) + 2)]
+    rows = {(row["delta"], row["method"]): row for row in report["rows"] + report.get("oracle", [])}
     for delta in report["deltas"]:
         cells = []
-        for method in METHODS:
+        for method in METHODS + ("oracle-maxprob",):
             row = rows.get((delta, method))
             cells.append("-" if row is None else
                          f"{100 * row['mean_accuracy']:.1f} / {100 * row['violation_rate']:.0f}% / {row['mean_speedup']:.2f}x")

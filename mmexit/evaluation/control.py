@@ -39,7 +39,6 @@ estimates typically do not.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,112 +47,18 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mmexit.errors import DataError, MMExitError
+from mmexit.errors import MMExitError
+from mmexit.evaluation.exit_outputs import (EXIT_OUTPUTS_FILE, TENSORS, ExitOutputs,  # noqa: F401 (re-exported)
+                                            load_exit_outputs, save_exit_outputs)
 
-EXIT_OUTPUTS_FILE = "exit_outputs.safetensors"
-TENSORS = ("calib.logits", "calib.labels", "test.logits", "test.labels")
 #: achieved < delta - TOLERANCE counts as a violation
 TOLERANCE = 0.005
+#: the name of the reference row: the best max-prob threshold chosen on the test parts themselves
+ORACLE = "oracle-maxprob"
 
 
 class ControlCheckError(MMExitError):
     """An argument of the control check is out of range (splits, alpha, deltas, methods)."""
-
-
-# ----------------------------------------------------------------------------------------- input
-@dataclass
-class ExitOutputs:
-    """Every exit's logits [M, N, C] and labels [N] on the calibration and test splits of one run."""
-
-    calib_logits: Tensor
-    calib_labels: Tensor
-    test_logits: Tensor
-    test_labels: Tensor
-    exit_layers: list[int]
-    task: str = "?"
-    primary_metric: str = "accuracy"
-    path: str = ""
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.exit_layers[-1])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.calib_logits.shape[-1])
-
-
-def _exit_outputs_file(path: Union[str, Path]) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        file = path / EXIT_OUTPUTS_FILE
-        if not file.is_file():
-            raise DataError(f"{path}: no {EXIT_OUTPUTS_FILE} in this folder (text classification runs write it "
-                            "at their evaluate stage; re-run the run's evaluate stage)")
-        return file
-    if not path.exists():
-        raise DataError(f"{path}: no such run folder or {EXIT_OUTPUTS_FILE} file")
-    return path
-
-
-def load_exit_outputs(path: Union[str, Path]) -> ExitOutputs:
-    """Read a run folder's (or a file's) exit outputs, or raise one ``DataError`` line naming the problem."""
-    file = _exit_outputs_file(path)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = set(handle.keys())
-            metadata = handle.metadata() or {}
-            missing = [name for name in TENSORS if name not in keys]
-            if missing:
-                raise DataError(f"{file}: lacks the tensors {', '.join(missing)} (expected {', '.join(TENSORS)})")
-            tensors = {name: handle.get_tensor(name) for name in TENSORS}
-    except SafetensorError as error:
-        raise DataError(f"{file}: not a readable safetensors file ({error})") from None
-    except (OSError, ValueError) as error:
-        raise DataError(f"{file}: cannot read it as safetensors ({error})") from None
-    calib_logits, calib_labels = tensors["calib.logits"], tensors["calib.labels"]
-    test_logits, test_labels = tensors["test.logits"], tensors["test.labels"]
-    for name, value, dims in (("calib.logits", calib_logits, 3), ("test.logits", test_logits, 3),
-                              ("calib.labels", calib_labels, 1), ("test.labels", test_labels, 1)):
-        if value.dim() != dims:
-            raise DataError(f"{file}: tensor {name} has shape {list(value.shape)}, expected {dims} dimensions")
-    if calib_logits.shape[0] != test_logits.shape[0] or calib_logits.shape[2] != test_logits.shape[2]:
-        raise DataError(f"{file}: calib.logits {list(calib_logits.shape)} and test.logits {list(test_logits.shape)} "
-                        "differ in exits or classes")
-    if calib_logits.shape[1] != calib_labels.shape[0] or test_logits.shape[1] != test_labels.shape[0]:
-        raise DataError(f"{file}: the logits and labels of a split have different sample counts")
-    if calib_logits.shape[2] < 2:
-        raise DataError(f"{file}: one output per exit (a regression head); the accuracy-control check needs class logits")
-    if calib_logits.shape[1] < 2 or test_logits.shape[1] < 1:
-        raise DataError(f"{file}: the calibration or test split is (nearly) empty")
-    if calib_labels.is_floating_point() or test_labels.is_floating_point():
-        raise DataError(f"{file}: labels are floating point (a regression task); the check needs class labels")
-    if "exit_layers" not in metadata:
-        raise DataError(f"{file}: no 'exit_layers' in the safetensors metadata (a JSON list of 1-based layers)")
-    try:
-        exit_layers = [int(v) for v in json.loads(metadata["exit_layers"])]
-    except (ValueError, TypeError):
-        raise DataError(f"{file}: metadata exit_layers is not a JSON list of integers: {metadata['exit_layers']!r}") from None
-    if len(exit_layers) != calib_logits.shape[0] or exit_layers != sorted(set(exit_layers)) or exit_layers[0] < 1:
-        raise DataError(f"{file}: metadata exit_layers {exit_layers} does not match the {calib_logits.shape[0]} "
-                        "exits of the logits (increasing 1-based layers, one per exit)")
-    return ExitOutputs(calib_logits.float(), calib_labels.long(), test_logits.float(), test_labels.long(), exit_layers,
-                       metadata.get("task", "?"), metadata.get("primary_metric", "accuracy"), str(file))
-
-
-def save_exit_outputs(path: Union[str, Path], outputs: ExitOutputs) -> None:
-    """Write ``outputs`` in the run folder's format (for tests and for exit outputs built elsewhere)."""
-    from safetensors.torch import save as save_bytes
-
-    from mmexit.files import atomic_write_bytes
-
-    tensors = {"calib.logits": outputs.calib_logits.float().contiguous(), "calib.labels": outputs.calib_labels.contiguous(),
-               "test.logits": outputs.test_logits.float().contiguous(), "test.labels": outputs.test_labels.contiguous()}
-    metadata = {"exit_layers": json.dumps(list(outputs.exit_layers)), "task": outputs.task,
-                "primary_metric": outputs.primary_metric}
-    atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -306,6 +211,7 @@ class ControlReport:
     full_accuracy: float
     methods: dict[str, str]
     rows: list[ControlRow] = field(default_factory=list)
+    oracle: list[ControlRow] = field(default_factory=list)
 
     def to_json(self) -> dict:
         payload = asdict(self)
@@ -350,8 +256,14 @@ def _check_arguments(splits: int, alpha: float, deltas: Sequence[float], methods
 
 def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = None, splits: int = 50,
                       alpha: float = 0.1, seed: int = 0, methods: Optional[Sequence[str]] = None,
-                      progress: bool = True) -> ControlReport:
-    """Re-split calibration+test ``splits`` times; calibrate each method on one part, measure on the other."""
+                      progress: bool = True, calib_size: Optional[int] = None) -> ControlReport:
+    """Re-split calibration+test ``splits`` times; calibrate each method on one part, measure on the other.
+
+    calib_size: samples in each calibration part (default: the run's calibration split size); the
+    rest of the pool is the test part. The report's ``oracle`` rows: per delta, the fastest single
+    max-prob threshold whose violation rate over these very test parts is <= alpha (a reference for
+    what the max-prob family can reach at that risk, chosen by looking at the test parts: not a method).
+    """
     from tqdm.auto import tqdm
 
     from mmexit.inference.exit_loop import simulate_exits
@@ -361,18 +273,28 @@ def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = 
     _check_arguments(splits, alpha, deltas, methods)
     logits = torch.cat([outputs.calib_logits, outputs.test_logits], 1)
     labels = torch.cat([outputs.calib_labels, outputs.test_labels])
-    total, calib_size = int(labels.numel()), int(outputs.calib_labels.numel())
+    total = int(labels.numel())
+    if calib_size is None:
+        calib_size = int(outputs.calib_labels.numel())
+    elif not 2 <= int(calib_size) < total:
+        raise ControlCheckError(f"--calib-size must be in [2, {total - 1}] (the pool has {total} samples), got {calib_size}")
+    calib_size = int(calib_size)
     if total - calib_size < 1:
         raise ControlCheckError("the test split is empty: nothing to measure on")
+    grid = [math.inf] + ltt_agree_grid()  # the full model first, then max-prob levels, conservative first
+    oracle_accuracy = torch.empty(splits, len(grid), dtype=torch.float64)  # [S, G] test accuracy per level
+    oracle_speedup = torch.empty(splits, len(grid), dtype=torch.float64)
     layers_of = torch.tensor(outputs.exit_layers, dtype=torch.float64)
     num_layers = outputs.num_layers
     results: dict[tuple[float, str], list[tuple[float, float, bool]]] = {(d, m): [] for d in deltas for m in methods}
     generator = torch.Generator().manual_seed(int(seed))
-    for _ in tqdm(range(splits), desc="control check (splits)", disable=not progress, leave=False):
+    for split in tqdm(range(splits), desc="control check (splits)", disable=not progress, leave=False):
         order = torch.randperm(total, generator=generator)
         calib_rows, test_rows = order[:calib_size], order[calib_size:]
         calib = Split.of(logits[:, calib_rows], labels[calib_rows])
         test_logits, test_labels = logits[:, test_rows], labels[test_rows]
+        oracle_accuracy[split], oracle_speedup[split] = _grid_outcomes(Split.of(test_logits, test_labels), grid,
+                                                                       layers_of, num_layers)
         for name in methods:
             fitted = METHODS[name].fit(calib, alpha)
             for delta in deltas:
@@ -391,10 +313,40 @@ def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = 
                 delta, name, METHODS[name].guarantee, float(acc.mean()), float(acc.std()) if len(values) > 1 else 0.0,
                 float((acc < delta - TOLERANCE).double().mean()), float((acc - delta).abs().mean()),
                 sum(v[1] for v in values) / len(values), sum(v[2] for v in values) / len(values), len(values)))
+    oracle = [_oracle_row(delta, oracle_accuracy, oracle_speedup, alpha) for delta in deltas]
     return ControlReport(
         outputs.path, outputs.task, outputs.primary_metric, list(outputs.exit_layers), total, calib_size,
         total - calib_size, splits, float(alpha), int(seed), deltas, _accuracy(logits[0], labels),
-        _accuracy(logits[-1], labels), {name: METHODS[name].doc for name in methods}, rows)
+        _accuracy(logits[-1], labels), {name: METHODS[name].doc for name in methods}, rows, oracle)
+
+
+def _grid_outcomes(test: Split, grid: Sequence[float], layers_of: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
+    """(accuracy [G], layer speed-up [G]) on one test part of "exit at max-prob >= level", per grid level."""
+    from mmexit.calibration.accuracy_control import exits_at_levels
+
+    exit_index = exits_at_levels(test.confidence[:-1], grid)  # [G, N]
+    accuracy = test.correct.bool().gather(0, exit_index).double().mean(1)
+    speedup = num_layers * exit_index.shape[1] / layers_of[exit_index].sum(1)
+    return accuracy, speedup
+
+
+def _oracle_row(delta: float, accuracy: Tensor, speedup: Tensor, alpha: float) -> ControlRow:
+    """The fastest grid level whose violation rate over the splits is <= alpha (the full model when none).
+
+    accuracy, speedup: [S, G] per split and level. The full model (no early exit) is always a candidate.
+    """
+    violation = (accuracy < delta - TOLERANCE).double().mean(0)  # [G]
+    mean_speedup = speedup.mean(0)
+    feasible = violation <= alpha + 1e-12
+    if bool(feasible.any()):
+        level = int(torch.where(feasible, mean_speedup, torch.full_like(mean_speedup, -1.0)).argmax())
+        acc, speed, rate = accuracy[:, level], float(mean_speedup[level]), float(violation[level])
+    else:  # fall back to the full model (level 0)
+        acc, speed, rate = accuracy[:, 0], float(mean_speedup[0]), float(violation[0])
+    splits = int(acc.numel())
+    return ControlRow(delta, ORACLE, "reference (test parts seen)", float(acc.mean()),
+                      float(acc.std()) if splits > 1 else 0.0, rate, float((acc - delta).abs().mean()), speed,
+                      0.0, splits)
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -422,10 +374,17 @@ def control_markdown(report: ControlReport) -> str:
         "| delta | method | guarantee | mean acc | std | violation rate | mean abs gap | layer speed-up | unreachable |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report.rows:
+    by_delta = {row.delta: row for row in report.oracle}
+    for index, row in enumerate(report.rows):
         lines.append(f"| {row.delta:g} | {row.method} | {row.guarantee} | {row.mean_accuracy:.4f} | "
                      f"{row.std_accuracy:.4f} | {_percent(row.violation_rate)} | {row.mean_abs_gap:.4f} | "
                      f"{row.mean_speedup:.2f}x | {_percent(row.unreachable_rate)} |")
+        last_of_delta = index + 1 == len(report.rows) or report.rows[index + 1].delta != row.delta
+        oracle = by_delta.get(row.delta)
+        if last_of_delta and oracle is not None:
+            lines.append(f"| {oracle.delta:g} | *{oracle.method}* | {oracle.guarantee} | {oracle.mean_accuracy:.4f} | "
+                         f"{oracle.std_accuracy:.4f} | {_percent(oracle.violation_rate)} | {oracle.mean_abs_gap:.4f} | "
+                         f"{oracle.mean_speedup:.2f}x | - |")
     noise = ", ".join(f"{d:g}: {100 * _test_se(d, report.test_size):.1f}" for d in report.deltas)
     middle = report.deltas[len(report.deltas) // 2]
     chance = 0.5 * math.erfc(TOLERANCE / max(_test_se(middle, report.test_size), 1e-12) / math.sqrt(2))
@@ -439,11 +398,16 @@ def control_markdown(report: ControlReport) -> str:
         "Methods:",
     ]
     lines += [f"- `{name}`: {doc}" for name, doc in report.methods.items()]
+    if report.oracle:
+        lines.append(f"- *{ORACLE}* (a reference, not a method): the fastest single max-prob threshold whose violation "
+                     f"rate over these test parts is <= alpha, chosen by looking at them; what the max-prob family "
+                     f"can reach at this risk when nothing is spent on estimating it")
     return "\n".join(lines) + "\n"
 
 
 def control_table_markdown(path: Union[str, Path], deltas: Optional[Sequence[float]] = None, splits: int = 50,
                            alpha: float = 0.1, seed: int = 0, methods: Optional[Sequence[str]] = None,
-                           progress: bool = False) -> str:
+                           progress: bool = False, calib_size: Optional[int] = None) -> str:
     """The check of a run folder (or exit_outputs file) as Markdown, for a run's report."""
-    return run_control_check(load_exit_outputs(path), deltas, splits, alpha, seed, methods, progress).markdown()
+    return run_control_check(load_exit_outputs(path), deltas, splits, alpha, seed, methods, progress,
+                             calib_size).markdown()

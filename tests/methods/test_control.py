@@ -240,6 +240,46 @@ def test_check_library_and_markdown(exit_outputs_file):
     assert "| delta | method | guarantee | mean acc |" in text and "| 0.8 | pcee-ltt |" in text
 
 
+def test_oracle_reference_is_the_fastest_max_prob_level_within_alpha_on_the_test_parts(exit_outputs_file):
+    """The oracle row: recomputed by brute force from the same re-splits, it is the fastest level whose
+    violation rate <= alpha; it is never slower than any method that also stays within alpha."""
+    from mmexit.evaluation.control import ORACLE, TOLERANCE
+
+    outputs = load_exit_outputs(exit_outputs_file)
+    report = run_control_check(outputs, deltas=[0.72, 0.8], splits=6, alpha=0.2, seed=3, progress=False,
+                               calib_size=250)
+    assert report.calib_size == 250 and report.test_size == 750 and [o.method for o in report.oracle] == [ORACLE] * 2
+    logits = torch.cat([outputs.calib_logits, outputs.test_logits], 1)
+    labels = torch.cat([outputs.calib_labels, outputs.test_labels])
+    generator = torch.Generator().manual_seed(3)
+    tests = [torch.randperm(1000, generator=generator)[250:] for _ in range(6)]
+    for oracle in report.oracle:
+        best = None
+        for level in [float("inf")] + ltt_agree_grid():
+            accuracy, speedup = [], []
+            for rows in tests:
+                exits = simulate_exits(MaxProbRule(level), logits[:, rows])
+                accuracy.append(float((logits[:, rows][exits, torch.arange(rows.numel())].argmax(-1) == labels[rows])
+                                      .float().mean()))
+                speedup.append(12 * rows.numel() / float(torch.tensor([4, 8, 12])[exits].sum()))
+            rate = sum(a < oracle.delta - TOLERANCE for a in accuracy) / len(accuracy)
+            if rate <= 0.2 and (best is None or sum(speedup) / 6 > best[0]):
+                best = (sum(speedup) / 6, sum(accuracy) / 6, rate)
+        assert oracle.mean_speedup == pytest.approx(best[0], rel=1e-6)
+        assert oracle.mean_accuracy == pytest.approx(best[1], abs=1e-6) and oracle.violation_rate == best[2]
+        for row in report.rows:
+            if row.delta == oracle.delta and row.violation_rate <= 0.2 and row.method == "maxprob@delta":
+                assert row.mean_speedup <= oracle.mean_speedup + 1e-9
+    markdown = report.markdown()
+    assert f"| 0.72 | *{ORACLE}* |" in markdown and "a reference, not a method" in markdown
+
+
+def test_calib_size_out_of_range_is_one_line_error(exit_outputs_file, capsys):
+    assert _tool().main([str(exit_outputs_file), "--splits", "2", "--quiet", "--calib-size", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mmexit: error: --calib-size must be in [2, 999] (the pool has 1000 samples), got 1000"
+
+
 def test_cli_prints_the_table_and_json(exit_outputs_file, capsys):
     tool = _tool()
     assert tool.main([str(exit_outputs_file.parent), "--splits", "4", "--quiet"]) == 0
