@@ -94,6 +94,16 @@ class BaseEngine:
         """Queue one request of ``items`` rows; a Future of the list of row outputs.
 
         Raises EngineFull when the rows would pass ``max_queue``, EngineStopped when draining."""
+        request = self._accept(items)
+        with self.cond:
+            self.pending.append(request)
+            self.cond.notify_all()
+        return request.future
+
+    def _accept(self, items: Sequence[Any]) -> Request:
+        """Check ``items`` and the queue's bounds, count the rows in ``depth``: the admitted request.
+
+        Raises ValueError (bad rows), EngineStopped (draining) or EngineFull (past a bound)."""
         if not items:
             raise ValueError("a request needs at least one row")
         self._check_items(items)
@@ -111,9 +121,7 @@ class BaseEngine:
                     raise EngineFull(f"about {wait:.1f} s of work queued ({self.depth} rows at {capacity:.0f} "
                                      f"rows/s; limit {self.max_queue_wait:g} s)", retry)
             self.depth += len(items)
-            self.pending.append(request)
-            self.cond.notify_all()
-        return request.future
+        return request
 
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> bool:
         """Refuse new requests; with ``drain`` answer the accepted ones first. True when the thread ended."""

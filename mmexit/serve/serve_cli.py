@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-chars", type=int, default=20_000, help="characters per text (default 20000)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the model in a worker process of its own, so the HTTP process keeps accepting and "
+                             "refusing (503) requests under overload; the worker loads the run a second time")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_connections", "max_texts", "max_chars"):
@@ -83,6 +86,22 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits) -> None:
+    """Replace ``service``'s engines by stand-ins of the same engines in a worker process
+    (``mmexit.serve.engine_process``). The stand-ins keep the queue bounds; the worker's engines get
+    no bound of their own (rows reach them only through the stand-ins)."""
+    from dataclasses import replace
+
+    from mmexit.serve.engine_process import process_engines
+
+    build = dict(engine=args.engine, max_batch=args.max_batch, max_queue=10**9,
+                 limits=replace(limits, max_queue_wait=0), slots=args.slots, max_wait_ms=args.max_wait_ms,
+                 engines=args.engines, group_lengths=args.group_lengths)
+    kinds = {name: engine.kind for name, engine in service.engines.items()}
+    service.engines = process_engines(str(service.predictor.run_dir), args.rule, args.device, args.threads, build,
+                                      kinds, args.max_batch, args.max_queue, limits.queue_wait)
+
+
 def serve_main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -98,6 +117,8 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
                         max_queue_wait=args.max_queue_wait)
         service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
                                 args.max_wait_ms, args.engines, args.group_lengths)
+        if args.engine_process:
+            move_engines_to_a_process(service, args, limits)
         sock = listen(args.host, args.port)
     except (MMExitError, ValueError) as error:
         print(f"mmexit: error: {error}", file=sys.stderr)

@@ -137,6 +137,9 @@ class Service:
             raise RequestError(504, f"no answer within {self.limits.timeout:g} s (the request was dropped)") from None
         except EngineStopped as error:
             raise RequestError(503, str(error)) from None
+        except EngineFull as error:  # refused by an engine process's own queue (mmexit.serve.engine_process)
+            raise RequestError(503, f"server busy: {error}; retry later",
+                               {"Retry-After": str(error.retry_after)}) from None
 
 
 class TextService(Service):

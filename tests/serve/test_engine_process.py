@@ -1,0 +1,173 @@
+"""``mmexit serve --engine-process``: the engines run in a worker process of their own.
+
+Answers equal the in-process engines' row for row (every engine); the HTTP process keeps the queue
+bound (503 at once, no round trip); the worker's exits reach /metrics; SIGTERM drains through the
+worker and exits 0; a worker that dies turns requests into 503 and /health into 503, never a hang.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from serve_helpers import make_tiny_run, random_texts
+from test_serve_cli import start_server
+
+from mmexit.data.examples import TextExample
+from mmexit.serve.engine_base import EngineStopped
+from mmexit.serve.engine_process import process_engines
+from mmexit.serve.load import load
+from mmexit.serve.service import Limits, build_service
+from mmexit.serve.text_rows import encode_rows
+
+
+def _build(engine: str = "continuous", max_batch: int = 8) -> dict:
+    return dict(engine=engine, max_batch=max_batch, max_queue=10**9, limits=Limits(max_queue_wait=0))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("engine_process") / "run", slow_rule=False)
+
+
+def test_every_engine_in_a_worker_answers_as_in_process(tiny_run):
+    predictor = load(tiny_run)
+    service = build_service(predictor, "continuous", 8, 64, Limits())
+    kinds = {name: engine.kind for name, engine in service.engines.items()}
+    proxies = process_engines(str(tiny_run), None, "cpu", 1, _build(), kinds, 8, 64, None)
+    service.start()
+    try:
+        texts = random_texts(24, seed=3)
+        rows = encode_rows(predictor.processor, [TextExample(t, None, 0) for t in texts], predictor.max_length)
+        for name in kinds:
+            here = service.engines[name].submit(rows).result(60)
+            there = [f.result(60) for f in [proxies[name].submit(rows[:10]), proxies[name].submit(rows[10:])]]
+            there = there[0] + there[1]
+            assert [r.exit_layer for r in there] == [r.exit_layer for r in here], name
+            assert all(torch.equal(a.logits, b.logits) for a, b in zip(here, there)), name
+            assert proxies[name].depth == 0 and proxies[name].rows_done == len(rows)
+        assert len({r.exit_layer for r in here}) >= 1
+        layers = {r.exit_layer for r in service.engines["continuous"].submit(rows).result(60)}
+        assert len(layers) > 1, "the tiny model should exit at more than one layer"
+    finally:
+        service.stop()
+        assert all(proxy.stop(True, 30) for proxy in proxies.values())
+    assert not any(proxy.alive for proxy in proxies.values())
+    with pytest.raises(EngineStopped):
+        proxies["continuous"].submit(rows[:1])
+
+
+def test_a_dead_worker_fails_waiting_requests_with_engine_stopped(tiny_run):
+    predictor = load(tiny_run)
+    kinds = {"continuous": "continuous"}
+    proxies = process_engines(str(tiny_run), None, "cpu", 1, _build(), kinds, 8, 64, None)
+    proxy = proxies["continuous"]
+    rows = encode_rows(predictor.processor, [TextExample(t, None, 0) for t in random_texts(4, seed=5)],
+                       predictor.max_length)
+    assert len(proxy.submit(rows).result(60)) == 4
+    proxy.host.process.kill()
+    deadline = time.monotonic() + 20
+    while proxy.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not proxy.alive
+    with pytest.raises(EngineStopped):
+        proxy.submit(rows).result(20)
+    assert proxy.depth == 0
+    assert proxy.stop(True, 5)
+
+
+def _metric(text: str, pattern: str) -> float:
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_server_with_an_engine_process_answers_counts_and_drains(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    expected = load(run, rule="slow@0.9").predict(["good film", "dull plot", "warm cold dark light"])
+    process, url = start_server(run, "--engine-process", "--rule", "slow@0.9", "--threads", "1", "--max-batch", "4")
+    try:
+        assert url, "the server did not start"
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert health["status"] == "ok" and health["engine_process"] is True
+        body = httpx.post(f"{url}/v1/classify", json={"texts": ["good film", "dull plot", "warm cold dark light"]},
+                          timeout=30).json()
+        assert [r["exit_layer"] for r in body["results"]] == [r["exit_layer"] for r in expected]
+        assert [r["label"] for r in body["results"]] == [r["label"] for r in expected]
+        for got, want in zip(body["results"], expected):
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+        assert httpx.post(f"{url}/v1/classify?engine=full", json={"texts": ["good film"]},
+                          timeout=30).json()["results"][0]["exit_layer"] == 4
+        deadline = time.monotonic() + 5  # the worker reports exits recorded after an answer within 0.2 s
+        while True:
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            if _metric(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert _metric(metrics, r'^mmexit_rows_total\{engine="continuous"\} (\S+)$') == 3
+        assert _metric(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') == 1
+        assert _metric(metrics, r'^mmexit_layer_call_rows_count\{engine="full",layer="4"\} (\S+)$') >= 1
+
+        results: list = [None] * 6
+
+        def client(index: int) -> None:
+            try:
+                results[index] = httpx.post(f"{url}/v1/classify?engine=batch", json={"texts": ["good film"] * 3},
+                                            timeout=30).status_code
+            except Exception as error:  # noqa: BLE001 - recorded for the assertion
+                results[index] = repr(error)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        deadline, depth = time.monotonic() + 10, 0.0
+        while time.monotonic() < deadline:  # every request reached the server (18 rows accepted)
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            depth = _metric(metrics, r'^mmexit_queue_depth\{engine="batch"\} (\S+)$')
+            if depth + _metric(metrics, r'^mmexit_rows_total\{engine="batch"\} (\S+)$') >= 18 and depth > 0:
+                break
+            time.sleep(0.02)
+        assert depth > 0, "no request in flight when SIGTERM was sent"
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert process.wait(60) == 0
+        assert results == [200] * 6
+        assert "server stopped" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_the_http_process_refuses_past_the_queue_bound_without_the_worker(tmp_path):
+    """--max-queue 2 with the slow rule: requests past 2 rows get 503 + Retry-After from the HTTP process."""
+    run = make_tiny_run(tmp_path / "run")
+    process, url = start_server(run, "--engine-process", "--rule", "slow@0.9", "--max-queue", "2", "--threads", "1")
+    try:
+        assert url, "the server did not start"
+        answers: list = [None] * 6
+
+        def client(index: int) -> None:
+            try:
+                response = httpx.post(f"{url}/v1/classify", json={"texts": ["good film"]}, timeout=30)
+                answers[index] = (response.status_code, response.headers.get("retry-after"))
+            except Exception as error:  # noqa: BLE001
+                answers[index] = (repr(error), None)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        statuses = [a[0] for a in answers]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 1, answers
+        assert all(retry is not None for status, retry in answers if status == 503)
+    finally:
+        process.kill()
+        process.wait(10)
