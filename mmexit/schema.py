@@ -27,6 +27,8 @@ def describe(schema: dict, prefix: str = "") -> list[str]:
             default = node.default
         shown = "**required**" if getattr(node, "required", False) else f"`{default}`"
         lines.append(f"| `{path}` | {kind} | {shown} | {getattr(node, 'doc', '')} |")
+        if getattr(node, "schema", None):  # an optional section: its keys
+            lines += describe(node.schema, f"{path}.")
     return lines
 
 

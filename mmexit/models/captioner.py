@@ -7,7 +7,9 @@ image by cross-attention) or a ``LlamaForCausalLM`` (``llama``: the projected im
 prefix of input embeddings before the caption), driven through ``mmexit.models.adapters.gpt2`` /
 ``.llama``. mmexit adds a projection (linear, or a small MLP) from the encoder width to the
 decoder width and exits after a list of decoder layers. The encoder (``encoder.freeze``) and the
-decoder (``decoder.freeze``) may stay frozen: then only the projection and the exit heads train.
+decoder (``decoder.freeze``) may stay frozen: then only the projection and the exit heads train;
+a frozen pretrained decoder may get LoRA updates (``decoder.lora``, peft; ``mmexit.models.lora``),
+which train with them and are merged into the decoder's weights before it is saved.
 
 ``head_ids`` (spec; recipe ``model.head_vocabulary: captions``): every head computes logits only
 for these token ids (those of the training captions + specials), -1e9 elsewhere. A 49k-token LM
@@ -22,7 +24,8 @@ Exit heads (``exit_head``):
 The last exit is the decoder's own final norm + LM head (the full model); with a frozen decoder
 and ``adapter`` heads it gets an adapter too (the frozen head alone cannot adapt to captions).
 
-A spec dict (``captioner.json``) rebuilds the architecture; weights live in ``model.safetensors``.
+A spec dict (``captioner.json``) rebuilds the architecture; weights live in ``model.safetensors``
+(all of them, a frozen pretrained decoder's included: a saved captioner never reads its source again).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from mmexit.errors import ModelLoadError, RecipeError
 from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
 from mmexit.models.adapters.llama import LlamaDecoderAdapter, build_llama_decoder
 from mmexit.models.adapters.vision import FrozenEncoder, build_image_encoder
+from mmexit.models.lora import add_lora, check_lora, is_lora_parameter, merge_lora
 
 EXIT_HEADS = ("shared", "norm", "adapter")
 #: decoder.type -> (builder, adapter class); the adapter is chosen by the model's config.model_type
@@ -121,13 +125,15 @@ class Captioner(nn.Module):
 
     def head_kind(self, parameter_name: str) -> str | None:
         """"internal" for a parameter of an internal exit's head, "frozen" for a frozen encoder's or
-        decoder's (never trained), None for the rest (the backbone; the final head is the decoder's
-        own ln_f + LM head). The trainer's ``set_trainable`` reads this."""
+        decoder's (never trained), None for the rest (the backbone, a frozen decoder's LoRA matrices
+        included; the final head is the decoder's own ln_f + LM head). The trainer's
+        ``set_trainable`` reads this."""
         if parameter_name.startswith("exit_modules."):
             last = self.final_adapter and parameter_name.startswith(f"exit_modules.{len(self.exit_modules) - 1}.")
             return "final" if last else "internal"
-        if (self.encoder_frozen and parameter_name.startswith("encoder.")) or \
-                (self.decoder_frozen and parameter_name.startswith("decoder.")):
+        if self.encoder_frozen and parameter_name.startswith("encoder."):
+            return "frozen"
+        if self.decoder_frozen and parameter_name.startswith("decoder.") and not is_lora_parameter(parameter_name):
             return "frozen"
         return None
 
@@ -210,29 +216,44 @@ def build_captioner(spec: dict) -> Captioner:
     {bos, eos, pad}, exits, exit_head}.
 
     decoder.config: GPT2Config keys (gpt2) or LlamaConfig keys (llama); decoder.pretrained: a hub
-    name or local HF folder (e.g. ``resolve_packaged("pypi:smollm2-135m")``)."""
-    encoder = build_image_encoder(spec["encoder"])
+    name or local HF folder (e.g. ``resolve_packaged("pypi:smollm2-135m")``); decoder.lora:
+    {r, alpha, dropout, targets} LoRA on the frozen pretrained decoder (``mmexit.models.lora``)."""
     decoder_spec = spec["decoder"]
     kind = decoder_spec.get("type") or "gpt2"
     if kind not in DECODERS:
         raise RecipeError(f"model.decoder.type: {kind!r} is not allowed; allowed: {', '.join(DECODERS)}")
+    lora = check_lora(decoder_spec)  # before anything loads
+    if lora:
+        spec = {**spec, "decoder": {**decoder_spec, "lora": lora}}  # the settings with their defaults
+    encoder = build_image_encoder(spec["encoder"])
     decoder = DECODERS[kind][0](spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
                                 **(decoder_spec.get("config") or {}))
     exits = spec.get("exits", "all")
     if exits == "all":
         exits = list(range(1, decoder_adapter(decoder).num_layers + 1))
-    return Captioner(encoder, decoder, list(exits), spec.get("exit_head", "shared"), spec=spec)
+    model = Captioner(encoder, decoder, list(exits), spec.get("exit_head", "shared"), spec=spec)
+    if lora:  # after the Captioner froze the decoder: only the LoRA matrices of it train
+        add_lora(model.decoder, kind, lora)
+    return model
 
 
 def save_captioner(model: Captioner, folder: str | Path) -> None:
-    """Write ``captioner.json`` (the spec, with pretrained weights switched off) + ``model.safetensors``."""
+    """Write ``captioner.json`` (the spec, with pretrained weights switched off) + ``model.safetensors``
+    (every weight, frozen ones included).
+
+    LoRA layers still in the decoder are merged into its weights first, in place (the model is
+    plain afterwards); the saved spec then has ``lora: null`` and ``lora_merged``: the settings."""
     from safetensors.torch import save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    merge_lora(model.decoder)
     spec = json.loads(json.dumps(model.spec))
     spec["encoder"]["pretrained"] = False
     spec["decoder"]["pretrained"] = None
+    if spec["decoder"].get("lora"):  # the saved weights hold the update: rebuild a plain decoder
+        spec["decoder"]["lora_merged"] = spec["decoder"]["lora"]
+        spec["decoder"]["lora"] = None
     if model.spec["decoder"].get("pretrained"):  # keep the architecture of the hub model
         spec["decoder"]["config"] = model.adapter.architecture()
     spec["exits"] = model.exits

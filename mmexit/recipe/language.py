@@ -31,6 +31,8 @@ class Field:
     choices: allowed values, when the set is closed.
     must_exist: the value is a path that must exist (relative paths: to the working directory).
     check: extra validation, returns an error text or None.
+    schema: for a mapping value, a nested schema its keys follow (defaults filled in, errors name
+    ``path.key``); with ``nullable``, an optional section (null: off).
     """
 
     types: tuple[type, ...]
@@ -41,6 +43,7 @@ class Field:
     nullable: bool = False
     doc: str = ""
     check: Optional[Callable[[Any], Optional[str]]] = None
+    schema: Optional[dict] = None
 
 
 @dataclass
@@ -167,6 +170,8 @@ def _validate_field(value: Any, spec: Field, path: str) -> Any:
         raise RecipeError(
             f"{path}: {value!r} is not allowed{hint}; allowed: {', '.join(map(str, spec.choices))}"
         )
+    if spec.schema is not None and isinstance(value, dict):
+        value = _validate_section(value, spec.schema, path)
     if spec.must_exist and not Path(str(value)).expanduser().exists():
         raise RecipeError(f"{path}: file or folder does not exist: {value}")
     if spec.check is not None:

@@ -10,6 +10,7 @@ from mmexit.recipe.common import (
     RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, positive, positive_or_none,
 )
 from mmexit.recipe.language import Field
+from mmexit.models.lora import LORA_DEFAULTS, LORA_TARGETS, all_targets
 
 
 def carve_ok(value) -> str | None:
@@ -21,6 +22,29 @@ def carve_ok(value) -> str | None:
         return "take: counts must be positive integers"
     unknown = set(value) - {"from", "take", "seed"}
     return f"unknown key {sorted(unknown)[0]!r}; allowed: from, take, seed" if unknown else None
+
+
+def _rank_ok(value) -> str | None:
+    return None if value >= 1 else f"must be an integer >= 1, got {value}"
+
+
+def _lora_targets_ok(value) -> str | None:
+    if not value or not all(isinstance(name, str) for name in value):
+        return f"expected a non-empty list of module names; allowed: {all_targets()}"
+    known = {name for names in LORA_TARGETS.values() for name in names}
+    unknown = [name for name in value if name not in known]
+    return f"unknown module {unknown[0]!r}; allowed: {all_targets()}" if unknown else None
+
+
+LORA_SCHEMA = {
+    "r": Field((int,), default=LORA_DEFAULTS["r"], check=_rank_ok, doc="rank of the update (alpha / r) B A"),
+    "alpha": Field((float,), default=LORA_DEFAULTS["alpha"], check=positive, doc="LoRA scale numerator"),
+    "dropout": Field((float,), default=LORA_DEFAULTS["dropout"], check=fraction_or_zero,
+                     doc="dropout on the LoRA branch's input (training only)"),
+    "targets": Field((list,), nullable=True, default=LORA_DEFAULTS["targets"], check=_lora_targets_ok,
+                     doc="modules adapted in every decoder layer: llama q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                         "up_proj, down_proj; gpt2 c_attn, q_attn, c_proj, c_fc; null: [q_proj, v_proj] / [c_attn]"),
+}
 
 
 def _metrics_ok(value) -> str | None:
@@ -87,6 +111,11 @@ CAPTIONING_SCHEMA = {
                             doc="keep the pretrained decoder fixed: only the projection and the exit heads train"),
             "config": Field((dict,), default={},
                             doc="GPT2Config (n_layer, n_embd, n_head, n_positions) or LlamaConfig arguments"),
+            "lora": Field((dict,), nullable=True, default=None, schema=LORA_SCHEMA,
+                          doc="LoRA (peft) on the frozen pretrained decoder, e.g. {r: 8, alpha: 16, dropout: 0.05, "
+                              "targets: [q_proj, v_proj]}: only the LoRA matrices of it train, merged into its "
+                              "weights after training; needs decoder.pretrained and decoder.freeze: true; "
+                              "null: no LoRA"),
         },
         "head_vocabulary": Field((str,), default="full", choices=("full", "captions"),
                                  doc="captions: heads score only the tokens of the training captions (cheap exits "

@@ -24,6 +24,7 @@ from mmexit.data.coco import CaptionItem, check_items, load_coco_annotations, lo
 from mmexit.errors import CalibrationError, DataError, ModelLoadError, RecipeError
 from mmexit.exits.base import ExitRule
 from mmexit.models.captioner import Captioner, build_captioner, load_captioner, save_captioner
+from mmexit.models.lora import merge_lora
 from mmexit.tasks.base import Evaluation, Run, Task
 from mmexit.training.joint import FinalOnlyLoss, InternalExitsLoss, JointLoss
 from mmexit.training.trainer import train_stage
@@ -113,7 +114,8 @@ class CaptioningTask(Task):
         return {
             "encoder": dict(model["encoder"], kwargs=dict(model["encoder"]["kwargs"] or {})),
             "decoder": {"type": model["decoder"]["type"], "pretrained": model["decoder"]["pretrained"],
-                        "freeze": model["decoder"]["freeze"], "config": dict(model["decoder"]["config"] or {})},
+                        "freeze": model["decoder"]["freeze"], "config": dict(model["decoder"]["config"] or {}),
+                        "lora": dict(model["decoder"]["lora"]) if model["decoder"].get("lora") else None},
             "projection": model["projection"],
             "head_vocabulary": model["head_vocabulary"],
             "vocab_size": tokenizer.vocab_size,
@@ -144,7 +146,11 @@ class CaptioningTask(Task):
             if spec["head_vocabulary"] == "captions":
                 spec["head_ids"] = caption_vocabulary(tokenizer, [c for item in run.data["train"] for c in item.captions])
             return build_captioner(spec), tokenizer
-        folder = self._trained_folder(run)
+        if recipe["model"]["decoder"].get("lora") and "train" in recipe["run"]["stages"]:
+            raise RecipeError("model.decoder.lora: not with model.init_from and the train stage (a trained run's "
+                              "decoder is loaded as saved, its LoRA already merged); train from the pretrained "
+                              "decoder, or drop lora")
+        folder = self._trained_folder(run)  # a LoRA run's model/ holds the merged decoder: lora is not reapplied
         if not (folder / "captioner.json").is_file():
             raise RecipeError(f"run.stages: no trained captioner in {folder} (add the train stage, or set "
                               "model.init_from to a trained run)")
@@ -200,6 +206,9 @@ class CaptioningTask(Task):
             history += train_stage(model, InternalExitsLoss(), epochs=train["stage2_epochs"] or train["epochs"],
                                    lr=train["stage2_lr"] or train["lr"], seed=seed + 1, stage_name="stage2", **stage)
         run.state.pop("images:train:all", None)
+        # LoRA (model.decoder.lora) into the decoder's weights: evaluation, timing and the saved
+        # model/ run plain modules, on every process
+        merge_lora(unwrapped.decoder)
         return history
 
     def save_model(self, run: Run, folder: Path) -> None:

@@ -194,7 +194,10 @@ class GPT2DecoderAdapter:
         block = self.blocks[index]
         projection = block.attn.c_attn  # Conv1D: x @ weight + bias, weight [width, 3 * width]
         width = self.width
-        key_value = torch.addmm(projection.bias[width:], block.ln_1(hidden), projection.weight[:, width:])
+        if hasattr(projection, "base_layer"):  # wrapped by LoRA (peft, not merged): its weight is the base's only
+            key_value = projection(block.ln_1(hidden))[:, width:]
+        else:
+            key_value = torch.addmm(projection.bias[width:], block.ln_1(hidden), projection.weight[:, width:])
         key, value = key_value.split(width, dim=-1)
         n = hidden.shape[0]
         return key.view(n, self.num_heads, self.head_dim), value.view(n, self.num_heads, self.head_dim)
