@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -117,7 +118,7 @@ class Service:
         return {"status": "ok" if all(e.alive for e in self.engines.values()) else "stopped",
                 "task": self.predictor.task, "operating_point": self.predictor.operating_point,
                 **engine.describe(), "engines": list(self.engines), "queue_depth": engine.depth,
-                "run_dir": str(self.predictor.run_dir),
+                "run_dir": str(self.predictor.run_dir), "pid": os.getpid(),
                 "exit_layers": list(getattr(self.predictor.model, "exit_layers", []) or []) or None}
 
     async def run(self, items: Sequence[Any], engine: Optional[str] = None) -> list:
