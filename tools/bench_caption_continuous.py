@@ -16,10 +16,11 @@ random images. Greedy decoding, ``propagate`` K/V policy, four decoders:
 - ``continuous full`` / ``continuous exit``: ``ContinuousDecoder`` with ``--rows`` slots (each row at
   its own step; one call runs a layer for every token waiting there).
 Prints per decoder: median seconds (decoders alternate per repeat), decoder-layer calls, rows per
-call, row-layer speed-up (layers a token runs under the full model / mean layers run per token),
-wall-clock speed-up against ``step-sync full``, efficiency (wall / row-layer speed-up) and how many
-captions equal ``step-sync exit``'s (the continuous decoder equals greedy decoding of each image
-alone; a batch of ``--rows`` may differ from that by float noise).
+call, milliseconds per call (seconds / calls), row-layer speed-up (layers a token runs under the
+full model / mean layers run per token), wall-clock speed-up against ``step-sync full``, efficiency
+(wall / row-layer speed-up) and how many captions equal ``step-sync exit``'s (the continuous
+decoder equals greedy decoding of each image alone; a batch of ``--rows`` may differ from that by
+float noise).
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         layer_x = model.num_layers * tokens / float(result.layers.sum())
         wall_x = base / seconds[name]
         rows.append({"decoder": name, "seconds": seconds[name], "tokens": tokens, "layer_calls": calls,
-                     "rows_per_call": float(result.layers.sum()) / calls, "row_layer_speedup": layer_x,
+                     "rows_per_call": float(result.layers.sum()) / calls, "ms_per_call": 1e3 * seconds[name] / calls,
+                     "row_layer_speedup": layer_x,
                      "wall_speedup": wall_x, "efficiency": wall_x / layer_x,
                      "same_captions": sum(a == b for a, b in zip(result.tokens, reference))})
     info = {"model": label, "machine": machine_info(), "layers": model.num_layers, "exits": model.exits,
@@ -181,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**info, "rows_table": rows}, indent=2))
         return 0
     print(json.dumps(info))
-    print("| decoder | seconds | tokens | layer calls | rows / call | row-layer x | wall x | efficiency "
+    print("| decoder | seconds | tokens | layer calls | rows / call | ms / call | row-layer x | wall x | efficiency "
           "| captions = step-sync exit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['decoder']} | {row['seconds']:.3f} | {row['tokens']} | {row['layer_calls']} "
-              f"| {row['rows_per_call']:.1f} | {row['row_layer_speedup']:.2f} | {row['wall_speedup']:.2f} "
+              f"| {row['rows_per_call']:.1f} | {row['ms_per_call']:.2f} | {row['row_layer_speedup']:.2f} "
+              f"| {row['wall_speedup']:.2f} "
               f"| {row['efficiency']:.2f} | {row['same_captions']}/{len(reference)} |")
     return 0
 

@@ -10,17 +10,23 @@ written at each row's own cache position, attention over each row's positions 0.
 position embeddings / RoPE at each row's own position). After a layer with an exit the rule is
 asked about those tokens (``rule.start`` once per token; the state rows travel with their tokens,
 as ``ActiveRows`` subsets them). A token that stops takes the greedy argmax of its exit's logits
-as the row's next token, the layers it skipped get K/V by state propagation (``kv_cache.propagate``
-with per-row positions; the ``propagate`` policy, the only one supported), and the row re-enters
-the layer-0 queue at its next position. Propagation is batched: the K/V of stopped tokens are
-written together just before a call would read some of them (its layer is one that a row of the
-call skipped at an earlier position); a row that finished needs none (nothing reads its cache
-again; its slot may be refilled first). A row finishes at EOS or after ``max_len`` tokens, exactly
-as ``greedy_decode`` decides; its slot is freed and a waiting image takes it.
+as the row's next token, the layers it skipped get K/V by state propagation (the K/V projection
+of each skipped layer applied to the exit's hidden state, at the token's own position; the
+``propagate`` policy, the only one supported), and the row re-enters the layer-0 queue at its next
+position. Propagation is lazy and folded into the layer calls: a stopped token waits in the
+``pending`` list of every layer it skipped; the first call of that layer that runs a token of the
+same row (the only reader of those K/V) projects the K/V of every token pending there together
+with its own rows' (one K/V projection, no separate call: ``SlotCache.fold``) before its attention
+reads any of them; a row that finished drops what it still had pending (nothing reads its cache
+again; its slot may be refilled first). An adapter whose ``step_rows`` does not take folded rows
+(no ``step_rows.takes_folded``) gets them projected by ``project_kv`` just before the call instead.
+A row finishes at EOS or after ``max_len`` tokens, exactly as ``greedy_decode`` decides; its slot
+is freed and a waiting image takes it.
 
 Each row's tokens and layers per token are those of ``greedy_decode`` on the image alone (batch 1,
 ``policy="propagate"``) up to float noise: a row only ever reads its own cache rows, and its tokens
-run in order (token t+1 enters layer 0 after token t stopped and its K/V were propagated). The
+run in order (token t+1 enters layer 0 after token t stopped; token t's K/V at a layer it skipped
+are written by the first call of that layer after it stopped, before token t+1 can read them). The
 full model (``rule=None``) runs every layer for every token; rows at different steps still share
 calls.
 
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Optional
 
 import torch
@@ -56,7 +63,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule, RuleState, check_state, subset_state
 from mmexit.inference.exit_loop import decide_at_exit
-from mmexit.inference.kv_cache import SlotCache, propagate
+from mmexit.inference.kv_cache import DecoderCache, RowsPlan, SlotCache
 from mmexit.inference.search import DecodeResult, _exit_positions
 
 POLICIES = ("propagate",)
@@ -66,16 +73,20 @@ POLICIES = ("propagate",)
 class Cohort:
     """Tokens waiting at one layer that ran their previous layer together.
 
-    slots [n] long (cache rows); slot_ids: the same on the host; hidden [n, width]: their hidden
-    states; state: the rule's state rows ({key: [n, ...]}); entered: the call count when they joined
-    the queue.
+    slot_ids: their slots (cache rows); positions: their cache positions (host lists); hidden
+    [n, width]: their hidden states, or None at layer 0 (``tokens``: the token ids, embedded by the
+    layer-0 call for all its rows at once); state: the rule's state rows ({key: [n, ...]}); entered:
+    the call count when they joined the queue; plan: the cache's ``RowsPlan`` of these rows (index
+    tensors, mask), built at their first call and kept while the cohort goes on whole.
     """
 
-    slots: Tensor
     slot_ids: list[int]
-    hidden: Tensor
+    positions: list[int]
+    hidden: Optional[Tensor]
     state: RuleState
     entered: int
+    plan: Optional[RowsPlan] = None
+    tokens: Optional[list[int]] = None
 
     @property
     def size(self) -> int:
@@ -87,10 +98,13 @@ def merge_cohorts(cohorts: list[Cohort]) -> Cohort:
     if len(cohorts) == 1:
         return cohorts[0]
     keys = cohorts[0].state.keys()
-    return Cohort(torch.cat([c.slots for c in cohorts]), [s for c in cohorts for s in c.slot_ids],
-                  torch.cat([c.hidden for c in cohorts]),
+    if cohorts[0].hidden is None:  # layer 0: token ids, embedded by the call
+        hidden, tokens = None, [token for c in cohorts for token in c.tokens]
+    else:
+        hidden, tokens = torch.cat([c.hidden for c in cohorts]), None
+    return Cohort([s for c in cohorts for s in c.slot_ids], [p for c in cohorts for p in c.positions], hidden,
                   {key: torch.cat([c.state[key] for c in cohorts]) for key in keys},
-                  min(c.entered for c in cohorts))
+                  min(c.entered for c in cohorts), tokens=tokens)
 
 
 @dataclass
@@ -119,6 +133,14 @@ class ContinuousDecoder:
     ``submit(features)`` queues images (any time, also between ``step`` calls); ``step()`` makes one
     scheduling decision and runs one layer call; ``run()`` steps until every submitted image is
     captioned and returns ``captions`` ({image id: Caption}).
+
+    The work of a call around the layer's maths is kept small: slots, positions and the tokens
+    entering layer 0 live on the host (the layer-0 call embeds its tokens at once); a cohort's index
+    tensors and attention mask (``SlotCache.plan_rows``) are built once and reused while it runs
+    layer after layer whole; the rule's stop mask is read once per exit (``tolist``) and rows are
+    split with ``index_select``; state propagation is folded into later calls (module doc); the
+    constants and prefix K/V of waiting images are computed for up to ``slots`` images at once
+    (``staged``), not per admission.
     """
 
     def __init__(self, model, rule: Optional[ExitRule], max_len: int, slots: int = 16, bos_id: int = 1,
@@ -146,16 +168,21 @@ class ContinuousDecoder:
         self.cache: Optional[SlotCache] = None  # built at the first submit (prefix length of the features)
         self.feature_shape: tuple[int, ...] = ()  # [patches, width] of every image
         self.queues: list[list[Cohort]] = [[] for _ in range(self.num_layers)]
+        self.queued = [0] * self.num_layers  # tokens waiting in each queue
         self.waiting: deque[tuple[int, Tensor]] = deque()  # (image id, features [patches, width])
+        # constants + prefix K/V of the first waiting images (``SlotCache.stage``), the row of
+        # the first waiting image in it, and how many waiting images it still holds
+        self.staged: Optional[DecoderCache] = None
+        self.staged_row = self.staged_left = 0
         self.free: list[int] = list(range(self.num_slots - 1, -1, -1))
         self.owner: list[Optional[int]] = [None] * self.num_slots  # image id per slot
         self.position: list[int] = [0] * self.num_slots  # cache position of each slot's current token
-        self.positions = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)  # the same, on device
         self.captions: dict[int, Caption] = {}  # every admitted image's caption so far
-        # stopped tokens whose skipped layers have no K/V yet: (slots [n], exit hidden [n, width],
-        # exit layer number, cache positions [n], slot ids)
-        self.unpropagated: list[tuple[Tensor, Tensor, int, Tensor, list[int]]] = []
-        self.unpropagated_from: dict[int, int] = {}  # slot -> the first layer it has K/V to propagate for
+        # per layer: stopped tokens that skipped it and have no K/V there yet, (slot ids, cache
+        # positions, exit hidden [n, width]) per group of tokens (one group is pending at each layer
+        # it skipped); the layer's first call that reads some of them projects them all
+        self.pending: list[list[tuple[list[int], list[int], Tensor]]] = [[] for _ in range(self.num_layers)]
+        self.pending_slots: list[set[int]] = [set() for _ in range(self.num_layers)]  # slots in each list
         self.next_id = 0
         self.calls = 0  # decoder-layer calls for caption tokens so far (an image prefix's prefill not counted)
         self.row_layers = 0  # token x layer computations so far (the rows of every call)
@@ -185,6 +212,11 @@ class ContinuousDecoder:
         return bool(self.waiting) or any(self.queues)
 
     @property
+    def unpropagated(self) -> list[tuple[list[int], list[int], Tensor]]:
+        """Groups of stopped tokens with K/V still to propagate at some layer (each group once)."""
+        return list({id(group): group for pending in self.pending for group in pending}.values())
+
+    @property
     def in_flight(self) -> int:
         """Slots taken."""
         return self.num_slots - len(self.free)
@@ -192,6 +224,16 @@ class ContinuousDecoder:
     @torch.inference_mode()
     def step(self) -> bool:
         """One scheduling decision and one layer call; False when there was nothing to do."""
+        return self._step()
+
+    @torch.inference_mode()
+    def run(self) -> dict[int, Caption]:
+        """Step until every submitted image is captioned; {image id: Caption}."""
+        while self._step():
+            pass
+        return self.captions
+
+    def _step(self) -> bool:
         index = self._pick()
         if index is None:
             return False
@@ -200,26 +242,22 @@ class ContinuousDecoder:
         queue = self.queues[index]
         cohort = merge_cohorts(queue)
         queue.clear()
+        self.queued[index] = 0
         self._run_layer(index, cohort)
         return True
-
-    def run(self) -> dict[int, Caption]:
-        """Step until every submitted image is captioned; {image id: Caption}."""
-        while self.step():
-            pass
-        return self.captions
 
     # ---------------------------------------------------------------------- scheduler
     def _pick(self) -> Optional[int]:
         """The layer to run next (see the module doc), or None when nothing waits."""
         admissible = min(len(self.free), len(self.waiting))
         best, best_key = None, None
+        calls, max_wait = self.calls, self.max_wait
         for index, queue in enumerate(self.queues):
-            size = sum(cohort.size for cohort in queue) + (admissible if index == 0 else 0)
+            size = self.queued[index] + (admissible if index == 0 else 0)
             if size == 0:
                 continue
-            waited = self.calls - min(c.entered for c in queue) if queue else 0
-            late = waited > self.max_wait
+            waited = calls - queue[0].entered if queue else 0  # cohorts join in call order: the first is oldest
+            late = waited > max_wait
             key = (late, waited if late else size * self.layer_weight[index], index)
             if best_key is None or key > best_key:
                 best, best_key = index, key
@@ -229,19 +267,29 @@ class ContinuousDecoder:
         """``count`` waiting images take free slots; their BOS tokens join the layer-0 queue."""
         if count == 0:
             return
-        taken = [self.waiting.popleft() for _ in range(count)]
-        slot_ids = [self.free.pop() for _ in taken]
-        slots = torch.tensor(slot_ids, device=self.device)
-        features = torch.stack([row for _, row in taken]).to(self.device, self.dtype)
-        self.cache.admit(self.adapter, slots, features)
+        slot_ids = [self.free.pop() for _ in range(count)]
         offset = self.cache.offset
-        for slot, (image, _) in zip(slot_ids, taken):
-            self.owner[slot], self.position[slot] = image, offset
-            self.captions[image] = Caption(slot=slot)
-        self.positions[slots] = offset
-        bos = torch.full((count,), self.bos_id, dtype=torch.long, device=self.device)
-        hidden = self.model.embed(bos, torch.zeros(count, dtype=torch.long, device=self.device))
-        self._enqueue(0, slots, slot_ids, hidden, self._start_state(count))
+        done = 0
+        while done < count:  # the staged images are the first waiting ones (the queue is FIFO)
+            if self.staged_left == 0:  # the next waiting images (up to ``slots``) in one batch
+                ahead = min(self.num_slots, len(self.waiting))
+                features = torch.stack([row for _, row in islice(self.waiting, ahead)]).to(self.device, self.dtype)
+                self.staged, self.staged_row, self.staged_left = self.cache.stage(self.adapter, features), 0, ahead
+            take = min(count - done, self.staged_left)
+            taken = slot_ids[done:done + take]
+            self.cache.admit_staged(torch.tensor(taken, dtype=torch.long, device=self.device), self.staged,
+                                    self.staged_row)
+            for slot in taken:
+                image, _ = self.waiting.popleft()
+                self.owner[slot], self.position[slot] = image, offset
+                self.captions[image] = Caption(slot=slot)
+            self.staged_row += take
+            self.staged_left -= take
+            done += take
+        if self.staged_left == 0:
+            self.staged = None
+        self._enqueue(0, Cohort(slot_ids, [offset] * count, None, self._start_state(count), self.calls,
+                                tokens=[self.bos_id] * count))
 
     def _start_state(self, count: int) -> RuleState:
         if self.rule is None:
@@ -250,63 +298,83 @@ class ContinuousDecoder:
         check_state(self.rule, state, count)
         return state
 
-    def _enqueue(self, index: int, slots: Tensor, slot_ids: list[int], hidden: Tensor, state: RuleState) -> None:
-        self.queues[index].append(Cohort(slots, slot_ids, hidden, state, self.calls))
+    def _enqueue(self, index: int, cohort: Cohort) -> None:
+        cohort.entered = self.calls
+        self.queues[index].append(cohort)
+        self.queued[index] += cohort.size
 
     # ---------------------------------------------------------------------- one call
     def _run_layer(self, index: int, cohort: Cohort) -> None:
         """Layer ``index`` (0-based) for every token of ``cohort``, each at its own position; then the exit."""
-        if self.unpropagated and any(self.unpropagated_from.get(slot, self.num_layers) <= index
-                                     for slot in cohort.slot_ids):
-            self._propagate()
-        length = max(self.position[slot] for slot in cohort.slot_ids) + 1
-        hidden = self.adapter.step_rows(index, cohort.hidden, self.cache, cohort.slots,
-                                        self.positions[cohort.slots], length)
+        pending = self.pending[index]
+        if pending and not self.pending_slots[index].isdisjoint(cohort.slot_ids):
+            # K/V of tokens that skipped this layer, some of which this call reads: projected in it
+            self.pending[index] = []
+            self.pending_slots[index] = set()
+            exit_hidden = pending[0][2] if len(pending) == 1 else torch.cat([group[2] for group in pending])
+            self.cache.fold(index, [slot for group in pending for slot in group[0]],
+                            [position for group in pending for position in group[1]], exit_hidden)
+            if not getattr(self.adapter.step_rows, "takes_folded", False):  # projected before the call instead
+                self.cache.propagate_folded(self.adapter)
+        plan = cohort.plan
+        if plan is None:
+            plan = cohort.plan = self.cache.plan_rows(cohort.slot_ids, cohort.positions)
+        else:
+            self.cache.plan = plan
+        hidden = cohort.hidden
+        if hidden is None:  # layer 0: the embeddings of the tokens at their caption positions
+            offset = self.cache.offset
+            inputs = torch.tensor([cohort.tokens, [position - offset for position in cohort.positions]],
+                                  dtype=torch.long, device=self.device)  # [2, n]
+            hidden = self.model.embed(inputs[0], inputs[1])
+        hidden = self.adapter.step_rows(index, hidden, self.cache, plan.rows, plan.positions, plan.length)
+        if self.cache.folded is not None:
+            raise RuntimeError("adapter.step_rows says it takes folded rows (takes_folded) but left them")
         self.calls += 1
         self.row_layers += cohort.size
         layer = index + 1
         model = self.model
         if layer == self.num_layers:
-            self._stop(cohort.slots, cohort.slot_ids, hidden, model.exit_logits(model.num_exits - 1, hidden), layer)
+            self._stop(cohort.slot_ids, cohort.positions, hidden, model.exit_logits(model.num_exits - 1, hidden), layer)
             return
         if self.rule is None or layer not in self.exit_of_layer:
-            self._enqueue(layer, cohort.slots, cohort.slot_ids, hidden, cohort.state)
+            cohort.hidden = hidden
+            self._enqueue(layer, cohort)
             return
-        stop, logits = self._ask(self.exit_of_layer[layer], hidden, cohort.state)
-        if stop is None:
-            self._enqueue(layer, cohort.slots, cohort.slot_ids, hidden, cohort.state)
-            return
-        stop_list = stop.tolist()
-        stopped_ids = [slot for slot, s in zip(cohort.slot_ids, stop_list) if s]
-        self._stop(cohort.slots[stop], stopped_ids, hidden[stop], logits, layer)
-        keep = ~stop
-        kept_ids = [slot for slot, s in zip(cohort.slot_ids, stop_list) if not s]
-        if kept_ids:
-            self._enqueue(layer, cohort.slots[keep], kept_ids, hidden[keep], subset_state(cohort.state, keep))
-
-    def _ask(self, exit_index: int, hidden: Tensor, state: RuleState) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Ask the rule at internal exit ``exit_index`` (as ``ActiveRows.ask``); hidden [n, width].
-
-        Returns (stop [n] bool, logits [stopped, vocab] of the rows that stop), or (None, None) when
-        no row stops. ``state`` is updated in place by the rule.
-        """
-        model = self.model
+        exit_index = self.exit_of_layer[layer]
         logits = model.exit_logits(exit_index, hidden) if self.needs_logits else None
-        stop = decide_at_exit(self.rule, exit_index, model.num_exits, logits, hidden, state)
-        if not bool(stop.any()):
-            return None, None
-        return stop, logits[stop] if logits is not None else model.exit_logits(exit_index, hidden[stop])
+        stop = decide_at_exit(self.rule, exit_index, model.num_exits, logits, hidden, cohort.state).tolist()
+        if not any(stop):
+            cohort.hidden = hidden
+            self._enqueue(layer, cohort)
+            return
+        if all(stop):
+            self._stop(cohort.slot_ids, cohort.positions, hidden,
+                       logits if logits is not None else model.exit_logits(exit_index, hidden), layer)
+            return
+        stopped = [j for j, s in enumerate(stop) if s]
+        kept = [j for j, s in enumerate(stop) if not s]
+        rows = torch.tensor(stopped, dtype=torch.long, device=self.device)
+        stopped_hidden = hidden.index_select(0, rows)
+        stopped_logits = (logits.index_select(0, rows) if logits is not None
+                          else model.exit_logits(exit_index, stopped_hidden))
+        self._stop([cohort.slot_ids[j] for j in stopped], [cohort.positions[j] for j in stopped], stopped_hidden,
+                   stopped_logits, layer)
+        rows = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self._enqueue(layer, Cohort([cohort.slot_ids[j] for j in kept], [cohort.positions[j] for j in kept],
+                                    hidden.index_select(0, rows), subset_state(cohort.state, rows), self.calls))
 
-    def _stop(self, slots: Tensor, slot_ids: list[int], hidden: Tensor, logits: Tensor, layer: int) -> None:
+    def _stop(self, slot_ids: list[int], positions: list[int], hidden: Tensor, logits: Tensor, layer: int) -> None:
         """Tokens that stopped after ``layer`` (1-based): greedy next token; finished rows free their
         slots; the others queue K/V of their skipped layers and re-enter layer 0 at their next position.
 
-        slots [k]; hidden [k, width] (the exit's hidden state); logits [k, vocab] of the exit.
+        slot_ids, positions: the tokens' slots and cache positions; hidden [k, width] (the exit's
+        hidden state); logits [k, vocab] of the exit.
         """
-        next_tokens = logits.argmax(-1)  # [k]
+        next_tokens = logits.argmax(-1).tolist()  # [k]
         kept_logits = logits.float().cpu() if self.keep_logits else None
         going_on = []
-        for j, (slot, token) in enumerate(zip(slot_ids, next_tokens.tolist())):
+        for j, (slot, token) in enumerate(zip(slot_ids, next_tokens)):
             caption = self.captions[self.owner[slot]]
             caption.tokens.append(token)
             caption.layers.append(layer)
@@ -315,43 +383,48 @@ class ContinuousDecoder:
             if token == self.eos_id or len(caption.tokens) == self.max_len:
                 self._release(slot)
             else:
-                self.position[slot] += 1
                 going_on.append(j)
         if not going_on:
             return
-        rows = torch.tensor(going_on, device=self.device) if len(going_on) < len(slot_ids) else None
-        slots = slots if rows is None else slots[rows]
-        tokens = next_tokens if rows is None else next_tokens[rows]
-        going_ids = [slot_ids[j] for j in going_on]
+        if len(going_on) < len(slot_ids):
+            if layer < self.num_layers:  # the exit hidden states of the rows going on (state propagation)
+                hidden = hidden.index_select(0, torch.tensor(going_on, dtype=torch.long, device=self.device))
+            slot_ids = [slot_ids[j] for j in going_on]
+            positions = [positions[j] for j in going_on]
+            next_tokens = [next_tokens[j] for j in going_on]
         if layer < self.num_layers:  # 0-based layers layer..num_layers-1 were skipped
-            self.unpropagated.append((slots, hidden if rows is None else hidden[rows], layer,
-                                      self.positions[slots], going_ids))
-            for slot in going_ids:
-                self.unpropagated_from[slot] = min(layer, self.unpropagated_from.get(slot, layer))
-        self.positions[slots] += 1
-        hidden = self.model.embed(tokens, self.positions[slots] - self.cache.offset)
-        self._enqueue(0, slots, going_ids, hidden, self._start_state(len(going_on)))
-
-    def _propagate(self) -> None:
-        """Write the K/V of every stopped token's skipped layers (state propagation), in one batch per layer."""
-        propagate(self.adapter, self.cache, [entry[:4] for entry in self.unpropagated])
-        self.unpropagated.clear()
-        self.unpropagated_from.clear()
+            group = (slot_ids, positions, hidden)
+            for skipped in range(layer, self.num_layers):
+                self.pending[skipped].append(group)
+                self.pending_slots[skipped].update(slot_ids)
+        after = [position + 1 for position in positions]
+        for slot, position in zip(slot_ids, after):
+            self.position[slot] = position
+        self._enqueue(0, Cohort(slot_ids, after, None, self._start_state(len(slot_ids)), self.calls,
+                                tokens=next_tokens))
 
     def _release(self, slot: int) -> None:
         """A finished row frees its slot; K/V it still had to propagate are dropped (never read)."""
         self.captions[self.owner[slot]].done = True
         self.owner[slot] = None
         self.free.append(slot)
-        if self.unpropagated_from.pop(slot, None) is None:
-            return
-        for number, (slots, hidden, layer, positions, slot_ids) in enumerate(self.unpropagated):
-            if slot in slot_ids:
-                keep = [j for j, other in enumerate(slot_ids) if other != slot]
-                rows = torch.tensor(keep, dtype=torch.long, device=self.device)
-                self.unpropagated[number] = (slots[rows], hidden[rows], layer, positions[rows],
-                                             [slot_ids[j] for j in keep])
-        self.unpropagated = [entry for entry in self.unpropagated if entry[4]]
+        replaced: dict[int, Optional[tuple]] = {}  # a group pending at several layers is subset once
+        for layer, pending in enumerate(self.pending):
+            if slot not in self.pending_slots[layer]:
+                continue
+            self.pending_slots[layer].discard(slot)
+            kept = []
+            for group in pending:
+                if slot in group[0]:
+                    if id(group) not in replaced:
+                        keep = [j for j, other in enumerate(group[0]) if other != slot]
+                        rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+                        replaced[id(group)] = ([group[0][j] for j in keep], [group[1][j] for j in keep],
+                                               group[2].index_select(0, rows)) if keep else None
+                    group = replaced[id(group)]
+                if group is not None:
+                    kept.append(group)
+            self.pending[layer] = kept
 
 
 def captions_to_result(model, captions: list[Caption]) -> DecodeResult:

@@ -279,3 +279,84 @@ def test_images_of_another_shape_are_refused(models):
     decoder.submit(features[:2])
     with pytest.raises(ValueError, match="same patches"):
         decoder.submit(features[:1, :2])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_admissions_across_staged_batches(models, references, family, monkeypatch):
+    """Constants and prefix K/V are computed for up to ``slots`` waiting images at once (staged); an
+    admission that takes the last staged images and the first of the next batch (it happens at some
+    of these slot counts) gives each image its own, and every row still equals greedy decoding alone."""
+    model, features, eos = models[family]
+    crossings = []
+    original = ContinuousDecoder._admit
+
+    def spy(self, count):
+        crossings.append(0 < self.staged_left < count)
+        return original(self, count)
+
+    monkeypatch.setattr(ContinuousDecoder, "_admit", spy)
+    expected = references[family, "maxprob"]
+    for slots in (2, 3, 4, 5):
+        decoder = ContinuousDecoder(model, FAMILIES[family][1]["maxprob"], MAX_LEN, slots, BOS, eos, keep_logits=True)
+        ids = decoder.submit(torch.cat([features, features, features]))  # 18 images: image i is image i % 6
+        captions = decoder.run()
+        check_captions([captions[i] for i in ids], [expected[i % IMAGES] for i in range(len(ids))])
+        assert decoder.staged is None and not decoder.waiting
+    assert any(crossings)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule_name", ["maxprob", "saturation"])
+def test_state_propagation_folded_into_calls_or_not(models, references, family, rule_name, monkeypatch):
+    """The K/V of skipped layers are projected inside the next call of that layer that reads them
+    (``step_rows.takes_folded``), or by ``project_kv`` before it for a ``step_rows`` that does not
+    take folded rows (here a wrapper without the attribute): the same captions either way."""
+    model, features, eos = models[family]
+    adapter, folded = model.adapter, []
+    assert adapter.step_rows.takes_folded
+    original = adapter.step_rows
+
+    def counting(index, hidden, cache, rows, positions, length=None):
+        folded.append(cache.folded is not None)
+        return original(index, hidden, cache, rows, positions, length)
+
+    counting.takes_folded = True
+    for step_rows in (counting, lambda *args: original(*args)):
+        monkeypatch.setattr(adapter, "step_rows", step_rows)
+        decoder = ContinuousDecoder(model, FAMILIES[family][1][rule_name], MAX_LEN, 3, BOS, eos, keep_logits=True)
+        ids = decoder.submit(features)
+        captions = decoder.run()
+        check_captions([captions[i] for i in ids], references[family, rule_name])
+        assert decoder.cache.folded is None and not decoder.unpropagated
+    assert any(folded)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_rows_plan_writes_and_reads_as_the_generic_path(models, uniform):
+    """SlotCache.write_rows_and_read with a plan (flat index_copy_ writes, additive mask from the table,
+    None when every row sits at the same position) == the generic per-row path (index_put, bool mask)."""
+    from mmexit.inference.kv_cache import DecoderCache, SlotCache
+
+    adapter = models["llama"][0].adapter
+    torch.manual_seed(5)
+    slots, positions = [3, 0, 2], ([4, 4, 4] if uniform else [4, 7, 5])
+    caches = [SlotCache(adapter, 4, 2, MAX_LEN, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for cache in caches[1:]:
+        for layer in range(adapter.num_layers):
+            cache.keys[layer].copy_(caches[0].keys[layer].normal_())
+            cache.values[layer].copy_(caches[0].values[layer].normal_())
+    key, value = torch.randn(2, 3, adapter.num_kv_heads, adapter.head_dim)
+    rows, at = torch.tensor(slots), torch.tensor(positions)
+    expected = DecoderCache.write_rows_and_read(caches[0], 1, rows, at, key, value)
+    plan = caches[1].plan_rows(slots, positions)
+    got = caches[1].write_rows_and_read(1, plan.rows, plan.positions, key, value, plan.length)
+    assert plan.length == max(positions) + 1
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for mine, theirs in ((caches[1].keys, caches[0].keys), (caches[1].values, caches[0].values)):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    if uniform:
+        assert got[2] is None and bool(expected[2].all())
+    else:
+        assert torch.equal(got[2] == 0, expected[2]) and bool(torch.isinf(got[2][~expected[2]]).all())
+    other = caches[1].write_rows_and_read(1, rows, at, key, value)  # not the plan's tensors: the generic path
+    assert other[2].dtype == torch.bool

@@ -136,16 +136,47 @@ class GPT2DecoderAdapter:
 
         hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written there, the
         query reads positions 0..own position); length: max(positions) + 1 if known. -> [r, width].
+        Tokens the cache folded into this layer's call (``SlotCache.take_folded``: state propagation of
+        tokens that skipped it) go through the same ``ln_1`` / ``c_attn`` call; their K/V are written
+        first. (One position per row: [r, 1, width] and [r, heads, 1, head_dim] are the same memory,
+        so the query and K/V are views.)
         """
         block = self.blocks[index]
+        folded = cache.take_folded(index) if hasattr(cache, "take_folded") else None
+        r, width, heads, head_dim = hidden.shape[0], self.width, self.num_heads, self.head_dim
         hidden = hidden[:, None]  # [r, 1, width]
         attention = block.attn
-        query, key, value = attention.c_attn(block.ln_1(hidden)).split(self.width, dim=-1)
-        r, heads, head_dim = hidden.shape[0], self.num_heads, self.head_dim
-        keys, values, mask = cache.write_rows_and_read(index, rows, positions, key.reshape(r, heads, head_dim),
-                                                       value.reshape(r, heads, head_dim), length)
-        out = F.scaled_dot_product_attention(self._heads(query), keys, values, attn_mask=mask, scale=attention.scaling)
-        return self._after_self_attention(index, hidden, out, cache, rows)[:, 0]
+        if folded is None:
+            qkv = attention.c_attn(block.ln_1(hidden))
+        else:
+            qkv = attention.c_attn(block.ln_1(torch.cat([hidden, folded.hidden[:, None]])))  # [r + m, 1, 3 width]
+            cache.write_folded(index, folded, qkv[r:, 0, width:].view(-1, 2, heads, head_dim))
+            qkv = qkv[:r]
+        if hasattr(cache, "write_kv_rows_and_read"):  # K and V in one write
+            keys, values, mask = cache.write_kv_rows_and_read(index, rows, positions,
+                                                              qkv[:, 0, width:].view(r, 2, heads, head_dim), length)
+        else:
+            keys, values, mask = cache.write_rows_and_read(index, rows, positions,
+                                                           qkv[:, 0, width:2 * width].view(r, heads, head_dim),
+                                                           qkv[:, 0, 2 * width:].view(r, heads, head_dim), length)
+        out = F.scaled_dot_product_attention(qkv[:, :, :width].view(r, heads, 1, head_dim), keys, values,
+                                             attn_mask=mask, scale=attention.scaling)
+        return self._after_self_attention_rows(block, index, hidden, out, cache, rows)
+
+    step_rows.takes_folded = True  # it projects the K/V of the rows a SlotCache folds into the call
+
+    def _after_self_attention_rows(self, block: nn.Module, index: int, hidden: Tensor, out: Tensor,
+                                   cache: DecoderCache, rows: Tensor) -> Tensor:
+        """``_after_self_attention`` for one position per row (``step_rows``): out [r, heads, 1, hd],
+        hidden [r, 1, width] -> [r, width]; the cross-attention query is a view (no copy)."""
+        r, _, width = hidden.shape
+        hidden = hidden + block.attn.c_proj(out.reshape(r, 1, width))  # [r, heads, 1, hd]: a view
+        cross_keys, cross_values = cache.constant(index, rows)
+        cross = block.crossattention
+        query = cross.q_attn(block.ln_cross_attn(hidden)).view(r, self.num_heads, 1, self.head_dim)
+        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
+        hidden = hidden + cross.c_proj(out.reshape(r, 1, width))
+        return (hidden + block.mlp(block.ln_2(hidden)))[:, 0]
 
     def _after_self_attention(self, index: int, hidden: Tensor, out: Tensor, cache: DecoderCache,
                               rows: Optional[Tensor]) -> Tensor:

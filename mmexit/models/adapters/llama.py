@@ -172,13 +172,41 @@ class LlamaDecoderAdapter:
                   length: Optional[int] = None) -> Tensor:
         """Layer ``index`` for one new position per row, each at its own cache position (and rotary
         position). hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written
-        there, the query reads 0..own position); length: max(positions) + 1 if known. -> [r, width]."""
+        there, the query reads 0..own position); length: max(positions) + 1 if known. -> [r, width].
+        With the rows and positions of the cache's ``RowsPlan`` their cos/sin are computed once per
+        plan. Tokens the cache folded into this layer's call (``SlotCache.take_folded``: state
+        propagation of tokens that skipped it) go through the same norm and projections, each at its
+        own rotary position; their K/V are written first."""
         block = self.blocks[index]
+        folded = cache.take_folded(index) if hasattr(cache, "take_folded") else None
         hidden = hidden[:, None]  # [r, 1, width]
-        cos, sin = self.rotary(positions, hidden)  # [r, hd]
-        query, key, value = self._qkv(block, hidden, cos[:, None], sin[:, None])
+        cos, sin = self._rows_rotary(cache, rows, positions, hidden)  # [r, 1, hd]
+        if folded is None:
+            query, key, value = self._qkv(block, hidden, cos, sin)
+        else:
+            r = hidden.shape[0]
+            folded_cos, folded_sin = self.rotary(folded.positions, hidden)  # [m, hd]
+            query, key, value = self._qkv(block, torch.cat([hidden, folded.hidden[:, None]]),
+                                          torch.cat([cos, folded_cos[:, None]]), torch.cat([sin, folded_sin[:, None]]))
+            cache.write_folded(index, folded, torch.stack([key[r:, :, 0], value[r:, :, 0]], 1))
+            query, key, value = query[:r], key[:r], value[:r]
         keys, values, mask = cache.write_rows_and_read(index, rows, positions, key[:, :, 0], value[:, :, 0], length)
         return self._finish(block, hidden, query, keys, values, mask)[:, 0]
+
+    step_rows.takes_folded = True  # it projects the K/V of the rows a SlotCache folds into the call
+
+    def _rows_rotary(self, cache: DecoderCache, rows: Tensor, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [r, 1, hd] of positions [r] for ``step_rows``; kept in the cache's ``RowsPlan`` of
+        these rows when there is one (a group of rows runs layer after layer at the same positions)."""
+        plan = getattr(cache, "plan", None)
+        memo = plan.memo if plan is not None and plan.matches(rows, positions) else None
+        if memo is not None and memo.get("rope_dtype") == like.dtype:
+            return memo["rope"]
+        cos, sin = self.rotary(positions, like)  # [r, hd]
+        cos, sin = cos[:, None], sin[:, None]
+        if memo is not None:
+            memo["rope"], memo["rope_dtype"] = (cos, sin), like.dtype
+        return cos, sin
 
     def span(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Optional[Tensor], start: int) -> Tensor:
         """Layer ``index`` for new positions start..start+n-1 (causal); hidden [r, n, width] -> [r, n, width]."""
