@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -54,3 +57,38 @@ def tiny_recipe(root: Path, glue: Path, extra: str = "", name: str = "recipe.yam
     path = root / name
     path.write_text(TINY_RECIPE.replace("OUT", str(root / "out")).replace("GLUE", str(glue)) + extra)
     return path
+
+
+def run_interleaved(engine, rows, rng: random.Random, started: bool = True, max_rows: int = 5) -> list:
+    """A serving engine's answer to each row, submitted as requests of 1-``max_rows`` rows in a random
+    order, from two threads, with pauses.
+
+    started=False: every request is queued before the engine starts (calls then mix requests)."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    requests, start = [], 0
+    while start < len(order):
+        size = rng.randint(1, max_rows)
+        requests.append(order[start:start + size])
+        start += size
+    futures: dict[int, object] = {}
+    pauses = [rng.random() < 0.3 for _ in requests]
+
+    def submit(which: list[int]) -> None:
+        for index in which:
+            futures[index] = engine.submit([rows[i] for i in requests[index]])
+            if pauses[index]:
+                time.sleep(0.002)
+
+    threads = [threading.Thread(target=submit, args=(list(range(k, len(requests), 2)),)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if not started:
+        engine.start()
+    answers = [None] * len(rows)
+    for index, rows_of in enumerate(requests):
+        for position, output in zip(rows_of, futures[index].result(timeout=60)):
+            answers[position] = output
+    return answers

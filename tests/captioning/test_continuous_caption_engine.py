@@ -5,13 +5,13 @@ only their own request."""
 from __future__ import annotations
 
 import random
-import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import BOS, EOS
+from mmexit_testing import run_interleaved
 from PIL import Image
 
 from mmexit.data.coco import image_tensor
@@ -67,30 +67,11 @@ def test_every_caption_equals_greedy_alone(setup, rule, slots):
     if rule is not None:
         assert len({layer for _, layers in reference for layer in layers}) >= 2, "rows must leave at several exits"
     engine = ContinuousCaptionEngine(fake_predictor(model, rule), slots=slots, calls_per_step=3).start()
-    rng = random.Random(slots)
-    order = list(range(len(images)))
-    rng.shuffle(order)
-    requests, start = [], 0
-    while start < len(order):
-        size = rng.randint(1, 4)
-        requests.append(order[start:start + size])
-        start += size
-    futures: dict[int, object] = {}
-
-    def submit(which: list[int]) -> None:
-        for index in which:
-            futures[index] = engine.submit([images[i] for i in requests[index]])
-
-    threads = [threading.Thread(target=submit, args=(list(range(k, len(requests), 2)),)) for k in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for index, rows in enumerate(requests):
-        for row, output in zip(rows, futures[index].result(timeout=60)):
-            tokens, layers = reference[row]
-            assert (output["tokens"], output["layers"]) == (tokens, layers), f"image {row}"
-            assert output["caption"] == WordTokenizer().decode(tokens)
+    answers = run_interleaved(engine, images, random.Random(slots), max_rows=4)
+    for row, output in enumerate(answers):
+        tokens, layers = reference[row]
+        assert (output["tokens"], output["layers"]) == (tokens, layers), f"image {row}"
+        assert output["caption"] == WordTokenizer().decode(tokens)
     assert engine.stop(drain=True, timeout=10)
     assert engine.depth == 0 and not engine.owners
 

@@ -10,12 +10,11 @@ slot counts and age bounds.
 from __future__ import annotations
 
 import random
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from mmexit_testing import run_interleaved
 from serve_helpers import random_texts, tiny_model, tiny_tokenizer
 
 from mmexit.calibration.beem import BEEMCalibration
@@ -80,40 +79,6 @@ def alone(model, rule, rows) -> list[tuple[torch.Tensor, int]]:
         result = early_exit_forward(model, rule, ids, torch.ones_like(ids), types)
         out.append((result.logits[0].float(), int(result.layers_used[0])))
     return out
-
-
-def run_interleaved(engine, rows, rng: random.Random, started: bool = True) -> list:
-    """Submit the rows as requests of 1-5 rows in a random order, from two threads, with pauses.
-
-    started=False: every request is queued before the engine starts (calls then mix requests)."""
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    requests, start = [], 0
-    while start < len(order):
-        size = rng.randint(1, 5)
-        requests.append(order[start:start + size])
-        start += size
-    futures: dict[int, object] = {}
-    pauses = [rng.random() < 0.3 for _ in requests]
-
-    def submit(which: list[int]) -> None:
-        for index in which:
-            futures[index] = engine.submit([rows[i] for i in requests[index]])
-            if pauses[index]:
-                time.sleep(0.002)
-
-    threads = [threading.Thread(target=submit, args=(list(range(k, len(requests), 2)),)) for k in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if not started:
-        engine.start()
-    answers = [None] * len(rows)
-    for index, rows_of in enumerate(requests):
-        for position, output in zip(rows_of, futures[index].result(timeout=30)):
-            answers[position] = output
-    return answers
 
 
 @pytest.mark.parametrize("rule_name", ["maxprob", "entropy", "patience", "beem", "pcee"])

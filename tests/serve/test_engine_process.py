@@ -7,9 +7,6 @@ worker and exits 0; a worker that dies turns requests into 503 and /health into 
 
 from __future__ import annotations
 
-import re
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import httpx
 import pytest
 import torch
 from serve_helpers import make_tiny_run, random_texts
-from test_serve_cli import start_server
+from test_serve_cli import metric_value, post_concurrently, sigterm_with_requests_in_flight, start_server
 
 from mmexit.data.examples import TextExample
 from mmexit.serve.engine_base import EngineStopped
@@ -82,11 +79,6 @@ def test_a_dead_worker_fails_waiting_requests_with_engine_stopped(tiny_run):
     assert proxy.stop(True, 5)
 
 
-def _metric(text: str, pattern: str) -> float:
-    found = re.search(pattern, text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_server_with_an_engine_process_answers_counts_and_drains(tmp_path):
     run = make_tiny_run(tmp_path / "run")
     expected = load(run, rule="slow@0.9").predict(["good film", "dull plot", "warm cold dark light"])
@@ -106,36 +98,14 @@ def test_server_with_an_engine_process_answers_counts_and_drains(tmp_path):
         deadline = time.monotonic() + 5  # the worker reports exits recorded after an answer within 0.2 s
         while True:
             metrics = httpx.get(f"{url}/metrics", timeout=10).text
-            if _metric(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') >= 1 or time.monotonic() > deadline:
+            if metric_value(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') >= 1 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert _metric(metrics, r'^mmexit_rows_total\{engine="continuous"\} (\S+)$') == 3
-        assert _metric(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') == 1
-        assert _metric(metrics, r'^mmexit_layer_call_rows_count\{engine="full",layer="4"\} (\S+)$') >= 1
+        assert metric_value(metrics, r'^mmexit_rows_total\{engine="continuous"\} (\S+)$') == 3
+        assert metric_value(metrics, r'^mmexit_rows_total\{engine="full"\} (\S+)$') == 1
+        assert metric_value(metrics, r'^mmexit_layer_call_rows_count\{engine="full",layer="4"\} (\S+)$') >= 1
 
-        results: list = [None] * 6
-
-        def client(index: int) -> None:
-            try:
-                results[index] = httpx.post(f"{url}/v1/classify?engine=batch", json={"texts": ["good film"] * 3},
-                                            timeout=30).status_code
-            except Exception as error:  # noqa: BLE001 - recorded for the assertion
-                results[index] = repr(error)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        deadline, depth = time.monotonic() + 10, 0.0
-        while time.monotonic() < deadline:  # every request reached the server (18 rows accepted)
-            metrics = httpx.get(f"{url}/metrics", timeout=10).text
-            depth = _metric(metrics, r'^mmexit_queue_depth\{engine="batch"\} (\S+)$')
-            if depth + _metric(metrics, r'^mmexit_rows_total\{engine="batch"\} (\S+)$') >= 18 and depth > 0:
-                break
-            time.sleep(0.02)
-        assert depth > 0, "no request in flight when SIGTERM was sent"
-        process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(60)
+        results = sigterm_with_requests_in_flight(process, url, "batch", ["good film"] * 3)
         assert process.wait(60) == 0
         assert results == [200] * 6
         assert "server stopped" in process.stderr.read()
@@ -151,20 +121,8 @@ def test_the_http_process_refuses_past_the_queue_bound_without_the_worker(tmp_pa
     process, url = start_server(run, "--engine-process", "--rule", "slow@0.9", "--max-queue", "2", "--threads", "1")
     try:
         assert url, "the server did not start"
-        answers: list = [None] * 6
-
-        def client(index: int) -> None:
-            try:
-                response = httpx.post(f"{url}/v1/classify", json={"texts": ["good film"]}, timeout=30)
-                answers[index] = (response.status_code, response.headers.get("retry-after"))
-            except Exception as error:  # noqa: BLE001
-                answers[index] = (repr(error), None)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        answers = [(a, None) if isinstance(a, str) else (a.status_code, a.headers.get("retry-after"))
+                   for a in post_concurrently(f"{url}/v1/classify", {"texts": ["good film"]}, 6)]
         statuses = [a[0] for a in answers]
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 1, answers
         assert all(retry is not None for status, retry in answers if status == 503)

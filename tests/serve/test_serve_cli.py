@@ -78,25 +78,60 @@ def start_server(run: Path, *args: str) -> tuple[subprocess.Popen, str | None]:
     return process, url
 
 
+def post_concurrently(url: str, body: dict, count: int) -> list:
+    """POST ``body`` to ``url`` from ``count`` threads at once: each one's response, or repr of its error."""
+    answers: list = [None] * count
+
+    def client(index: int) -> None:
+        try:
+            answers[index] = httpx.post(url, json=body, timeout=30)
+        except Exception as error:  # noqa: BLE001 - recorded for the assertion
+            answers[index] = repr(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return answers
+
+
+def metric_value(metrics: str, pattern: str) -> float:
+    """The value of the Prometheus line matching ``pattern`` (its group 1), 0 when absent."""
+    found = re.search(pattern, metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def sigterm_with_requests_in_flight(process: subprocess.Popen, url: str, engine: str, texts: list[str],
+                                    count: int = 6) -> list:
+    """POST ``{"texts": texts}`` to ``url``/v1/classify?engine=ENGINE from ``count`` threads; once every row
+    was accepted and some are still in flight, SIGTERM the server. Each request's status (or error)."""
+    answers: list = []
+    sender = threading.Thread(target=lambda: answers.extend(post_concurrently(
+        f"{url}/v1/classify?engine={engine}", {"texts": texts}, count)))
+    sender.start()
+    deadline, depth = time.monotonic() + 10, 0.0
+    while time.monotonic() < deadline:  # every request reached the server
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        depth = metric_value(metrics, rf'^mmexit_queue_depth\{{engine="{engine}"\}} (\S+)$')
+        done = metric_value(metrics, rf'^mmexit_rows_total\{{engine="{engine}"\}} (\S+)$')
+        if depth + done >= count * len(texts) and depth > 0:
+            break
+        time.sleep(0.02)
+    assert depth > 0, "no request in flight when SIGTERM was sent"
+    process.send_signal(signal.SIGTERM)
+    sender.join(90)
+    return [a if isinstance(a, str) else a.status_code for a in answers]
+
+
 def test_past_max_connections_a_request_gets_503_at_once(tmp_path):
     """The HTTP layer's admission limit: with 2 requests held by a slow rule, the others get 503, not a wait."""
     run = make_tiny_run(tmp_path / "run")
     process, url = start_server(run, "--rule", "slow@0.9", "--max-connections", "2", "--threads", "1")
     try:
         assert url, "the server did not start"
-        statuses: list = [None] * 8
-
-        def client(index: int) -> None:
-            try:
-                statuses[index] = httpx.post(f"{url}/v1/classify", json={"texts": ["good film"]}, timeout=30).status_code
-            except Exception as error:  # noqa: BLE001 - recorded for the assertion
-                statuses[index] = repr(error)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        statuses = [a if isinstance(a, str) else a.status_code
+                    for a in post_concurrently(f"{url}/v1/classify", {"texts": ["good film"]}, 8)]
         assert set(statuses) <= {200, 503}, statuses
         assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
     finally:
@@ -110,31 +145,7 @@ def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path):
     try:
         assert url, "the server did not start"
         assert httpx.get(f"{url}/health", timeout=10).json()["operating_point"] == "slow@0.9"
-        results: list = [None] * 6
-
-        def client(index: int) -> None:
-            try:
-                results[index] = httpx.post(f"{url}/v1/classify", json={"texts": ["good film", "dull plot"]},
-                                            timeout=30).status_code
-            except Exception as error:  # noqa: BLE001 - recorded for the assertion
-                results[index] = repr(error)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # every request reached the server (12 rows queued)
-            metrics = httpx.get(f"{url}/metrics", timeout=10).text
-            depth = float(re.search(r'^mmexit_queue_depth\{engine="continuous"\} (\S+)$', metrics, re.M).group(1))
-            answered = re.search(r'^mmexit_requests_total\{endpoint="/v1/classify",status="200"\} (\S+)$', metrics,
-                                 re.M)
-            if depth + 2 * float(answered.group(1) if answered else 0) >= 12 and depth > 0:
-                break
-            time.sleep(0.02)
-        assert depth > 0, "no request in flight when SIGTERM was sent"
-        process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(60)
+        results = sigterm_with_requests_in_flight(process, url, "continuous", ["good film", "dull plot"])
         assert process.wait(60) == 0
         assert results == [200] * 6
         assert "server stopped" in process.stderr.read()
