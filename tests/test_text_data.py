@@ -19,6 +19,8 @@ ROWS = {
     "qqp": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\t3\tWhy?\tHow?\t0\n",
     "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
             "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA guy.\t4.2\n",
+    "stsb_binary": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                   "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA guy.\t4.2\n",
     "mnli": "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label\n"
             "0\t1\t2\tgov\tx\ty\tx\ty\tA cat.\tAn animal.\tentailment\tentailment\n",
     "qnli": "index\tquestion\tsentence\tlabel\n0\tWho?\tHe did.\tentailment\n",
@@ -40,6 +42,22 @@ def test_every_glue_layout_parses(tmp_path, task):
     assert isinstance(example.label, float if task == "stsb" else int)
 
 
+def test_stsb_binary_labels_similar_pairs_at_score_3(tmp_path):
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    header = ROWS["stsb"].splitlines()[0]
+    rows = "".join(f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\tA {i}.\tB {i}.\t{score}\n"
+                   for i, score in enumerate(["0.0", "2.999", "3.0", "5.000"]))
+    (folder / "train.tsv").write_text(f"{header}\n{rows}", encoding="utf-8")
+    (folder / "dev.tsv").write_text(f"{header}\n{rows}", encoding="utf-8")
+    loaded = load_glue_tsv("stsb_binary", tmp_path, 0.25, seed=0)
+    assert [e.label for e in loaded.splits["test"]] == [0, 0, 1, 1]
+    assert loaded.label_names == ["dissimilar", "similar"] and loaded.primary_metric == "accuracy"
+    (folder / "dev.tsv").write_text(f"{header}\n0\tmain\tf\t2012\t0\tnone\tnone\tA.\tB.\thigh\n")
+    with pytest.raises(DataError, match=r"dev.tsv:2: score 'high' is not a number"):
+        load_glue_tsv("stsb_binary", tmp_path, 0.25, seed=0)
+
+
 def test_malformed_rows_name_file_and_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\n")
@@ -54,7 +72,8 @@ def test_malformed_rows_name_file_and_line(tmp_path):
 
 @pytest.mark.skipif(not SHARED_GLUE.exists(), reason="../shared/data/glue is not beside this checkout")
 @pytest.mark.parametrize("task, train, dev", [("sst2", 67349, 872), ("mrpc", 3668, 408), ("rte", 2490, 277),
-                                              ("stsb", 5749, 1500), ("wnli", 635, 71)])
+                                              ("stsb", 5749, 1500), ("stsb_binary", 5749, 1500),
+                                              ("wnli", 635, 71)])
 def test_real_glue_row_counts(task, train, dev):
     loaded = load_glue_tsv(task, SHARED_GLUE, 0.1, seed=0)
     assert len(loaded.splits["train"]) + len(loaded.splits["calib"]) == train

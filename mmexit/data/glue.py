@@ -1,7 +1,9 @@
 """GLUE tasks from a local folder in the original ``download_glue_data.py`` TSV layout, or the hub.
 
 Local layout: ``<path>/<TASK>/train.tsv`` and ``dev.tsv`` (MNLI: ``dev_matched.tsv``), TASK one of
-SST-2, CoLA, MRPC, QQP, STS-B, MNLI, QNLI, RTE, WNLI. GLUE's test labels are hidden, so mmexit
+SST-2, CoLA, MRPC, QQP, STS-B, MNLI, QNLI, RTE, WNLI. ``stsb_binary`` is STS-B as a sentence-pair
+classification task (similar: score >= 3.0 of 5, "roughly equivalent" in the annotation guide),
+a pair task larger than MRPC and RTE built from the offline data. GLUE's test labels are hidden, so mmexit
 reports on the dev set ("test" split) and carves its calibration split out of train.
 A malformed row raises DataError naming the file and line.
 """
@@ -33,6 +35,7 @@ class GlueFormat:
     metrics: tuple[str, ...] = ("accuracy",)
     primary: str = "accuracy"
     hub_columns: tuple[str, Optional[str]] = ("sentence", None)
+    binarize_at: Optional[float] = None  # a score column turned into labels 0/1 (score >= binarize_at -> 1)
 
 
 #: longest text accepted in a data row (characters); the csv module's field limit is set to it
@@ -48,6 +51,8 @@ GLUE_FORMATS: dict[str, GlueFormat] = {
                       hub_columns=("question1", "question2")),
     "stsb": GlueFormat("STS-B", 7, 8, 9, (), metrics=("pearson", "spearman"), primary="pearson",
                        hub_columns=("sentence1", "sentence2")),
+    "stsb_binary": GlueFormat("STS-B", 7, 8, 9, ("dissimilar", "similar"), binarize_at=3.0,
+                              hub_columns=("sentence1", "sentence2")),
     "mnli": GlueFormat("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"),
                        dev_file="dev_matched.tsv", hub_columns=("premise", "hypothesis")),
     "qnli": GlueFormat("QNLI", 1, 2, 3, ("entailment", "not_entailment"), hub_columns=("question", "sentence")),
@@ -93,21 +98,31 @@ def read_glue_tsv(path: Path, spec: GlueFormat) -> list[TextExample]:
 
 def _example(row: list[str], spec: GlueFormat, path: Path, line_number: int) -> TextExample:
     raw = row[spec.label].strip()
-    if spec.labels:
+    if spec.binarize_at is not None:
+        label: int | float = _binarized(_score(raw, path, line_number), spec)
+    elif spec.labels:
         if raw not in spec.labels:
             raise DataError(f"{path}:{line_number}: label {raw!r} is not one of {', '.join(spec.labels)}")
-        label: int | float = spec.labels.index(raw)
+        label = spec.labels.index(raw)
     else:
-        try:
-            label = float(raw)
-        except ValueError:
-            raise DataError(f"{path}:{line_number}: score {raw!r} is not a number") from None
+        label = _score(raw, path, line_number)
     text_b = row[spec.text_b] if spec.text_b is not None else None
     for text in (row[spec.text_a], text_b or ""):
         if len(text) > MAX_TEXT_CHARS:
             raise DataError(f"{path}:{line_number}: a text of {len(text):,} characters (at most "
                             f"{MAX_TEXT_CHARS:,}; longer inputs are cut to model.max_length tokens anyway)")
     return TextExample(row[spec.text_a], text_b, label)
+
+
+def _score(raw: str, path: Path, line_number: int) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise DataError(f"{path}:{line_number}: score {raw!r} is not a number") from None
+
+
+def _binarized(score: float, spec: GlueFormat) -> int:
+    return int(score >= spec.binarize_at)
 
 
 def load_glue_tsv(task: str, folder: str | Path, calibration_fraction: float, seed: int,
@@ -138,15 +153,19 @@ def load_glue_hub(task: str, calibration_fraction: float, seed: int,
         raise DataError("data.source: glue_hub needs the 'datasets' package (pip install datasets)") from None
     spec = GLUE_FORMATS[task]
     try:
-        dataset = load_dataset("glue", task)
+        dataset = load_dataset("glue", "stsb" if task == "stsb_binary" else task)
     except Exception as error:  # network errors come in many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"data.source: cannot load glue/{task} from the hub (offline? use glue_tsv): {first}") from None
     column_a, column_b = spec.hub_columns
 
+    def label(value) -> int | float:
+        if spec.binarize_at is not None:
+            return _binarized(float(value), spec)
+        return int(value) if spec.labels else float(value)
+
     def convert(split) -> list[TextExample]:
-        return [TextExample(row[column_a], row[column_b] if column_b else None,
-                            float(row["label"]) if not spec.labels else int(row["label"])) for row in split]
+        return [TextExample(row[column_a], row[column_b] if column_b else None, label(row["label"])) for row in split]
 
     dev_split = "validation_matched" if task == "mnli" else "validation"
     parts = deterministic_split(convert(dataset["train"]), {"calib": calibration_fraction}, seed)
