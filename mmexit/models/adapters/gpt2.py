@@ -17,12 +17,15 @@ decoder one layer and one new position at a time against a KV cache that mmexit 
 - ``project_kv(index, hidden, t)``: K/V of a layer at position t (an int, or one per row) computed
   from a hidden state (state propagation).
 Positions given to these are cache positions. The block maths calls the block's own modules
-(``ln_1``, ``attn.c_attn``, ``crossattention``, ``mlp``); nothing of transformers is copied.
+(``ln_1``, ``attn.c_attn``, ``crossattention``, ``mlp``) with their own weights; nothing of
+transformers is copied. The cached paths apply a ``Conv1D`` as one ``addmm`` and the tanh-GELU as
+one fused kernel (``dense``, ``mlp``): the same maths as the modules, without their call overhead.
 ``mmexit.models.adapters.llama`` is the same seam for LLaMA-family decoders.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -54,6 +57,28 @@ def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_i
     return GPT2LMHeadModel(gpt2_config)
 
 
+#: GPT-2 activations that are the tanh approximation of GELU (``F.gelu(approximate="tanh")``)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@functools.cache
+def _conv1d_class() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def dense(module: nn.Module, x: Tensor) -> Tensor:
+    """A transformers ``Conv1D`` (x @ weight + bias) as one ``addmm``: x [..., in] -> [..., out].
+
+    The cached paths call it per layer and per decoding step, where the module call's own overhead
+    is a visible share of a small call. Anything else (e.g. a LoRA wrapper not yet merged) is called.
+    """
+    if not isinstance(module, _conv1d_class()):
+        return module(x)
+    return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], module.nf)
+
+
 class GPT2DecoderAdapter:
     """GPT-2 blocks: pre-norm self-attention (fused ``c_attn``), cross-attention, MLP."""
 
@@ -65,6 +90,15 @@ class GPT2DecoderAdapter:
         self.head_dim = self.width // self.num_heads
         self.vocab_size = config.vocab_size
         self.layer_norm_epsilon = config.layer_norm_epsilon
+        self.tanh_gelu = getattr(config, "activation_function", "gelu_new") in TANH_GELU
+
+    def mlp(self, block: nn.Module, x: Tensor) -> Tensor:
+        """The block's MLP on x [..., width]: c_fc, GELU, c_proj (one fused GELU kernel when the
+        activation is the tanh approximation and the model is in eval mode; else the block's own)."""
+        mlp = block.mlp
+        if not self.tanh_gelu or mlp.training:
+            return mlp(x)
+        return dense(mlp.c_proj, F.gelu(dense(mlp.c_fc, x), approximate="tanh"))
 
     # ------------------------------------------------------------------ pieces both paths read
     @property
@@ -101,7 +135,7 @@ class GPT2DecoderAdapter:
     # ---------------------------------------------------------------- cached one-position maths
     def init_cache_layer(self, index: int, features: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention K/V of layer ``index`` from features [rows, patches, width]: 2 x [rows, heads, patches, hd]."""
-        key, value = self.blocks[index].crossattention.c_attn(features).split(self.width, dim=-1)
+        key, value = dense(self.blocks[index].crossattention.c_attn, features).split(self.width, dim=-1)
         return self._heads(key), self._heads(value)
 
     def _heads(self, tensor: Tensor) -> Tensor:
@@ -124,7 +158,7 @@ class GPT2DecoderAdapter:
         block = self.blocks[index]
         r, n, width = hidden.shape
         attention = block.attn
-        query, key, value = attention.c_attn(block.ln_1(hidden)).split(width, dim=-1)
+        query, key, value = dense(attention.c_attn, block.ln_1(hidden)).split(width, dim=-1)
         keys, values = cache.write_span_and_read(index, rows, start, self._heads(key), self._heads(value))
         out = F.scaled_dot_product_attention(self._heads(query), keys, values,
                                              attn_mask=span_mask(start, n, hidden.device), scale=attention.scaling)
@@ -147,9 +181,9 @@ class GPT2DecoderAdapter:
         hidden = hidden[:, None]  # [r, 1, width]
         attention = block.attn
         if folded is None:
-            qkv = attention.c_attn(block.ln_1(hidden))
+            qkv = dense(attention.c_attn, block.ln_1(hidden))
         else:
-            qkv = attention.c_attn(block.ln_1(torch.cat([hidden, folded.hidden[:, None]])))  # [r + m, 1, 3 width]
+            qkv = dense(attention.c_attn, block.ln_1(torch.cat([hidden, folded.hidden[:, None]])))  # [r + m, 1, 3 width]
             cache.write_folded(index, folded, qkv[r:, 0, width:].view(-1, 2, heads, head_dim))
             qkv = qkv[:r]
         if hasattr(cache, "write_kv_rows_and_read"):  # K and V in one write
@@ -170,13 +204,13 @@ class GPT2DecoderAdapter:
         """``_after_self_attention`` for one position per row (``step_rows``): out [r, heads, 1, hd],
         hidden [r, 1, width] -> [r, width]; the cross-attention query is a view (no copy)."""
         r, _, width = hidden.shape
-        hidden = hidden + block.attn.c_proj(out.reshape(r, 1, width))  # [r, heads, 1, hd]: a view
+        hidden = hidden + dense(block.attn.c_proj, out.reshape(r, 1, width))  # [r, heads, 1, hd]: a view
         cross_keys, cross_values = cache.constant(index, rows)
         cross = block.crossattention
-        query = cross.q_attn(block.ln_cross_attn(hidden)).view(r, self.num_heads, 1, self.head_dim)
+        query = dense(cross.q_attn, block.ln_cross_attn(hidden)).view(r, self.num_heads, 1, self.head_dim)
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
-        hidden = hidden + cross.c_proj(out.reshape(r, 1, width))
-        return (hidden + block.mlp(block.ln_2(hidden)))[:, 0]
+        hidden = hidden + dense(cross.c_proj, out.reshape(r, 1, width))
+        return (hidden + self.mlp(block, block.ln_2(hidden)))[:, 0]
 
     def _after_self_attention(self, index: int, hidden: Tensor, out: Tensor, cache: DecoderCache,
                               rows: Optional[Tensor]) -> Tensor:
@@ -184,13 +218,13 @@ class GPT2DecoderAdapter:
         cross-attention, MLP; hidden [r, n, width] (the layer's input) -> [r, n, width]."""
         block = self.blocks[index]
         r, n, width = hidden.shape
-        hidden = hidden + block.attn.c_proj(out.transpose(1, 2).reshape(r, n, width))
+        hidden = hidden + dense(block.attn.c_proj, out.transpose(1, 2).reshape(r, n, width))
         cross_keys, cross_values = cache.constant(index, rows)
         cross = block.crossattention
-        query = self._heads(cross.q_attn(block.ln_cross_attn(hidden)))
+        query = self._heads(dense(cross.q_attn, block.ln_cross_attn(hidden)))
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
-        hidden = hidden + cross.c_proj(out.transpose(1, 2).reshape(r, n, width))
-        return hidden + block.mlp(block.ln_2(hidden))
+        hidden = hidden + dense(cross.c_proj, out.transpose(1, 2).reshape(r, n, width))
+        return hidden + self.mlp(block, block.ln_2(hidden))
 
     def chunk(self, index: int, hidden: Tensor, cache: DecoderCache, row_ids: Tensor, t: int,
               waiting: Tensor) -> tuple[Tensor, int]:
@@ -205,18 +239,18 @@ class GPT2DecoderAdapter:
         chunk, r, c = layout.chunk, hidden.shape[0], layout.size
         width, heads, head_dim = self.width, self.num_heads, self.head_dim
         attention = block.attn
-        query, key, value = attention.c_attn(block.ln_1(chunk)).split(width, dim=-1)  # [r, c+1, width]
+        query, key, value = dense(attention.c_attn, block.ln_1(chunk)).split(width, dim=-1)  # [r, c+1, width]
         keys, values = layout.write_and_read(index, key[layout.write].view(-1, heads, head_dim),
                                              value[layout.write].view(-1, heads, head_dim))
         query = query.view(r, c + 1, heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.mask, scale=attention.scaling)
-        chunk = chunk + attention.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
+        chunk = chunk + dense(attention.c_proj, out.transpose(1, 2).reshape(r, c + 1, width))
         cross = block.crossattention
         cross_keys, cross_values = cache.constant(index, row_ids)
-        query = cross.q_attn(block.ln_cross_attn(chunk)).view(r, c + 1, heads, head_dim).transpose(1, 2)
+        query = dense(cross.q_attn, block.ln_cross_attn(chunk)).view(r, c + 1, heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
-        chunk = chunk + cross.c_proj(out.transpose(1, 2).reshape(r, c + 1, width))
-        chunk = chunk + block.mlp(block.ln_2(chunk))
+        chunk = chunk + dense(cross.c_proj, out.transpose(1, 2).reshape(r, c + 1, width))
+        chunk = chunk + self.mlp(block, block.ln_2(chunk))
         return layout.finish(index, chunk), layout.caught_up
 
     def project_kv(self, index: int, hidden: Tensor, t: int | Tensor = 0) -> tuple[Tensor, Tensor]:
