@@ -14,6 +14,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+def one_torch_thread():
+    """Body of an autouse fixture (``pytest.fixture(autouse=True)(one_torch_thread)``): torch on one
+    thread for the test. Width-32 models gain nothing from a second thread and lose a lot when the
+    cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(family: str = "bert", num_labels: int = 3, exits="all", seed: int = 0):
     """A 4-layer random encoder (hidden 32) with exits, in eval mode."""
     from mmexit.models.encoder import MultiExitEncoder

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "llama"))  # llama_testing
 
 from llama_testing import EOS as LLAMA_EOS, llama_spec  # noqa: E402
+from mmexit_testing import one_torch_thread  # noqa: E402
 from mmexit.exits.confidence import MaxProbRule  # noqa: E402
 from mmexit.exits.patience import PatienceRule  # noqa: E402
 from mmexit.exits.saturation import SaturationRule  # noqa: E402
@@ -46,12 +47,7 @@ SCHEDULERS = {"default": (None, 2.5), "oldest": (0, 2.5), "fullest_wait2": (2, 0
               "deepest": (NO_AGE_BOUND, 1e9), "fullest_unbounded": (NO_AGE_BOUND, 0.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama_testing
 from mmexit.models.captioner import build_captioner  # noqa: E402
 
 from llama_testing import BOS, EOS, LLAMA, PAD, VOCAB, llama_spec  # noqa: E402
+from mmexit_testing import one_torch_thread  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Width-32 models gain nothing from a second thread, and lose a lot when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="session")
