@@ -5,6 +5,7 @@ The README's recipe anatomy points here; ``python -m mmexit.schema`` prints it a
 
 from __future__ import annotations
 
+from mmexit.data.augment import AUGMENT_DEFAULTS
 from mmexit.evaluation.caption_metrics import ALL_METRICS
 from mmexit.recipe.common import (
     RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, positive, positive_or_none,
@@ -28,6 +29,14 @@ def _rank_ok(value) -> str | None:
     return None if value >= 1 else f"must be an integer >= 1, got {value}"
 
 
+def _views_ok(value) -> str | None:
+    return None if value >= 0 else f"must be an integer >= 0, got {value}"
+
+
+def _min_crop_ok(value) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
+
+
 def _lora_targets_ok(value) -> str | None:
     if not value or not all(isinstance(name, str) for name in value):
         return f"expected a non-empty list of module names; allowed: {all_targets()}"
@@ -44,6 +53,16 @@ LORA_SCHEMA = {
     "targets": Field((list,), nullable=True, default=LORA_DEFAULTS["targets"], check=_lora_targets_ok,
                      doc="modules adapted in every decoder layer: llama q_proj, k_proj, v_proj, o_proj, gate_proj, "
                          "up_proj, down_proj; gpt2 c_attn, q_attn, c_proj, c_fc; null: [q_proj, v_proj] / [c_attn]"),
+}
+
+
+AUGMENT_SCHEMA = {
+    "views": Field((int,), default=AUGMENT_DEFAULTS["views"], check=_views_ok,
+                   doc="extra views of every training image (an epoch sees every view with the image's captions)"),
+    "flip": Field((bool,), default=AUGMENT_DEFAULTS["flip"], doc="flip a view left-right with probability 1/2"),
+    "min_crop": Field((float,), default=AUGMENT_DEFAULTS["min_crop"], check=_min_crop_ok,
+                      doc="a view is a square crop of side min_crop..1 of the image's, resized back"),
+    "seed": Field((int,), default=AUGMENT_DEFAULTS["seed"]),
 }
 
 
@@ -154,6 +173,8 @@ CAPTIONING_SCHEMA = {
             "kl_weight": Field((float,), default=0.0, doc="weight of KL(final || exit) (self-distillation)"),
             "kl_temperature": Field((float,), default=1.0, check=positive),
         },
+        "augment": Field((dict,), nullable=True, default=None, schema=AUGMENT_SCHEMA,
+                         doc="extra training views of every image: {views: 4, flip: true, min_crop: 0.7, seed: 0}"),
         "log_every": Field((int,), default=20, check=positive),
     },
     "calibration": {

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mmexit.calibration.statistics import ExitStatistics
+from mmexit.data.augment import with_views
 from mmexit.data.caption_batches import CaptionCollator, CaptionPairs, batch_tensors
 from mmexit.data.caption_tokenizer import (
     caption_vocabulary, load_pretrained_tokenizer, load_word_tokenizer, train_word_tokenizer,
@@ -174,8 +175,8 @@ class CaptioningTask(Task):
 
     def train(self, run: Run) -> list[dict]:
         recipe, train = run.recipe, run.recipe["train"]
-        images = self.images(run, "train")
         captions = [[run.processor.encode(c) for c in item.captions] for item in run.data["train"]]
+        images, captions = with_views(self.images(run, "train"), captions, train["augment"])
         dataset = CaptionPairs(images, captions)
         model = run.model
         unwrapped = run.accelerator.unwrap_model(model)
