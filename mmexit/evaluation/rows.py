@@ -79,3 +79,11 @@ def timed(row: ResultRow, batch_size: int, wall: float, timed_layer_speedup: flo
 
     return replace(row, wall_speedup=wall, efficiency=efficiency(wall, timed_layer_speedup), batch_size=batch_size,
                    extra=row.extra | {"timed_layer_speedup": timed_layer_speedup, **extra})
+
+
+def full_model_rows(split: str, metrics: dict[str, float], primary: str, num_layers: int, count: int,
+                    batch_sizes: list[int]) -> list[dict]:
+    """The full model's reference rows (speed-ups 1 by definition), one per timed batch size, as dicts;
+    ``count`` samples all leave at layer ``num_layers``."""
+    return [ResultRow("full", "full", None, split, metrics, primary, 1.0, {str(num_layers): int(count)}, False,
+                      1.0, 1.0, size).to_dict() for size in batch_sizes]

@@ -152,6 +152,7 @@ def evaluate_cascade(folders: Sequence[str | Path], recipe_path: str, output_dir
     from mmexit.data.text import batches, load_text_task
     from mmexit.evaluation import text_eval
     from mmexit.evaluation.results import write_results
+    from mmexit.evaluation.rows import full_model_rows
     from mmexit.evaluation.speed import efficiency, exit_histogram, layer_speedup
     from mmexit.evaluation.timing import machine_info, time_alternating
     from mmexit.exits.confidence import MaxProbRule
@@ -186,7 +187,7 @@ def evaluate_cascade(folders: Sequence[str | Path], recipe_path: str, output_dir
     metrics_names, primary = task.metrics, task.primary_metric
     split = evaluate["split"]
     full_metrics = text_eval.score(metrics_names, outputs.logits[-1], outputs.labels)
-    rows = text_eval.full_model_rows(split, full_metrics, primary, depth, outputs.labels.numel(), evaluate["timing_batch_sizes"])
+    rows = full_model_rows(split, full_metrics, primary, depth, outputs.labels.numel(), evaluate["timing_batch_sizes"])
 
     def point(candidate, data):
         exit_index, charged = simulate_cascade(candidate, data.logits, cumulative)

@@ -23,7 +23,7 @@ from mmexit.data.text import Collator, LengthGroupedBatches, batches, load_text_
 from mmexit.errors import RecipeError
 from mmexit.evaluation import text_eval
 from mmexit.evaluation.operating_point import Candidate, choose_operating_point
-from mmexit.evaluation.rows import ResultRow
+from mmexit.evaluation.rows import full_model_rows
 from mmexit.exits.base import ExitRule
 from mmexit.models.encoder import CONFIG_NAME, MultiExitEncoder
 from mmexit.models.loading import load_backbone, load_tokenizer, truncate_backbone
@@ -130,9 +130,8 @@ class TextClassificationTask(Task):
         outputs = self._outputs(run, split)
         exit_layers = list(model.exit_layers)
         full_metrics = text_eval.score(data.metrics, outputs.logits[-1], outputs.labels)
-        rows = [ResultRow("full", "full", None, split, full_metrics, data.primary_metric, 1.0,
-                          {str(model.num_layers): int(outputs.labels.numel())}, False, 1.0, 1.0, size).to_dict()
-                for size in evaluate["timing_batch_sizes"]]
+        rows = full_model_rows(split, full_metrics, data.primary_metric, model.num_layers, outputs.labels.numel(),
+                               evaluate["timing_batch_sizes"])
         examples = data.splits[split]
         lines = [{"index": i, **_input_fields(example), "label": label, "full": full}
                  for i, (example, label, full) in enumerate(zip(examples, outputs.labels.tolist(),

@@ -64,3 +64,28 @@ def test_cascade_class_sorts_by_depth(models, tmp_path):
     assert cascade.cumulative_layers == [1, 3, 7] and cascade.depth == 4
     ids, mask = random_batch(8)
     torch.testing.assert_close(cascade.all_logits(ids, mask), cascade_all_logits(models, ids, mask))
+
+
+def test_evaluate_cascade_writes_results(models, tmp_path):
+    """The cascade's command end to end on tiny members and a tiny GLUE folder: a full-model row per
+    timed batch size, a simulated sweep, and a measured point whose answers equal the simulation's."""
+    import json
+
+    from mmexit.models.cascade import main
+    from mmexit_testing import make_glue, tiny_recipe
+
+    folders = []
+    for index, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"m{index}")
+        folders.append(str(tmp_path / f"m{index}"))
+    recipe = tiny_recipe(tmp_path, make_glue(tmp_path))
+    assert main([*folders, "--recipe", str(recipe), "--output", str(tmp_path / "mm")]) == 0
+    rows = json.loads((tmp_path / "mm" / "results.json").read_text())["rows"]
+    full = [r for r in rows if r["method"] == "full"]
+    assert [r["batch_size"] for r in full] == [8] and full[0]["exit_histogram"] == {"4": 16}
+    sweep = [r for r in rows if r["method"] == "multi_model+maxprob" and r["simulated"]]
+    measured = [r for r in rows if r["method"] == "multi_model+maxprob" and not r["simulated"]]
+    assert len(sweep) == len(MaxProbRule().default_sweep()) and len(measured) == 1
+    twin = next(r for r in sweep if r["operating_point"] == measured[0]["operating_point"])
+    assert measured[0]["metrics"] == twin["metrics"] and measured[0]["exit_histogram"] == twin["exit_histogram"]
+    assert measured[0]["wall_speedup"] > 0
