@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.inference.kv_cache import DecoderCache, chunk_layout, span_mask
+from mmexit.inference.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 
 def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,
@@ -164,9 +164,10 @@ class GPT2DecoderAdapter:
                                              attn_mask=span_mask(start, n, hidden.device), scale=attention.scaling)
         return self._after_self_attention(index, hidden, out, cache, rows)
 
-    def step_rows(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, positions: Tensor,
+    def step_rows(self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor, positions: Tensor,
                   length: Optional[int] = None) -> Tensor:
-        """Layer ``index`` for one new position per row, each at its own cache position.
+        """Layer ``index`` for one new position per row, each at its own cache position (the continuous
+        decoder's ``SlotCache``).
 
         hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written there, the
         query reads positions 0..own position); length: max(positions) + 1 if known. -> [r, width].
@@ -176,7 +177,7 @@ class GPT2DecoderAdapter:
         so the query and K/V are views.)
         """
         block = self.blocks[index]
-        folded = cache.take_folded(index) if hasattr(cache, "take_folded") else None
+        folded = cache.take_folded(index)
         r, width, heads, head_dim = hidden.shape[0], self.width, self.num_heads, self.head_dim
         hidden = hidden[:, None]  # [r, 1, width]
         attention = block.attn
@@ -186,13 +187,8 @@ class GPT2DecoderAdapter:
             qkv = dense(attention.c_attn, block.ln_1(torch.cat([hidden, folded.hidden[:, None]])))  # [r + m, 1, 3 width]
             cache.write_folded(index, folded, qkv[r:, 0, width:].view(-1, 2, heads, head_dim))
             qkv = qkv[:r]
-        if hasattr(cache, "write_kv_rows_and_read"):  # K and V in one write
-            keys, values, mask = cache.write_kv_rows_and_read(index, rows, positions,
-                                                              qkv[:, 0, width:].view(r, 2, heads, head_dim), length)
-        else:
-            keys, values, mask = cache.write_rows_and_read(index, rows, positions,
-                                                           qkv[:, 0, width:2 * width].view(r, heads, head_dim),
-                                                           qkv[:, 0, 2 * width:].view(r, heads, head_dim), length)
+        keys, values, mask = cache.write_kv_rows_and_read(index, rows, positions,  # K and V in one write
+                                                          qkv[:, 0, width:].view(r, 2, heads, head_dim), length)
         out = F.scaled_dot_product_attention(qkv[:, :, :width].view(r, heads, 1, head_dim), keys, values,
                                              attn_mask=mask, scale=attention.scaling)
         return self._after_self_attention_rows(block, index, hidden, out, cache, rows)

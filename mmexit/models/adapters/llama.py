@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.inference.kv_cache import DecoderCache, chunk_layout, span_mask
+from mmexit.inference.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 #: LlamaConfig keys that rebuild a decoder's shape (saved with a trained captioner)
 ARCHITECTURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -168,17 +168,17 @@ class LlamaDecoderAdapter:
         """Layer ``index`` for one new cache position t; hidden [r, width]; rows: cache rows (None = all)."""
         return self.span(index, hidden[:, None], cache, rows, t)[:, 0]
 
-    def step_rows(self, index: int, hidden: Tensor, cache: DecoderCache, rows: Tensor, positions: Tensor,
+    def step_rows(self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor, positions: Tensor,
                   length: Optional[int] = None) -> Tensor:
         """Layer ``index`` for one new position per row, each at its own cache position (and rotary
-        position). hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written
+        position; the continuous decoder's ``SlotCache``). hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written
         there, the query reads 0..own position); length: max(positions) + 1 if known. -> [r, width].
         With the rows and positions of the cache's ``RowsPlan`` their cos/sin are computed once per
         plan. Tokens the cache folded into this layer's call (``SlotCache.take_folded``: state
         propagation of tokens that skipped it) go through the same norm and projections, each at its
         own rotary position; their K/V are written first."""
         block = self.blocks[index]
-        folded = cache.take_folded(index) if hasattr(cache, "take_folded") else None
+        folded = cache.take_folded(index)
         hidden = hidden[:, None]  # [r, 1, width]
         cos, sin = self._rows_rotary(cache, rows, positions, hidden)  # [r, 1, hd]
         if folded is None:
