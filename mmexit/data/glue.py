@@ -36,6 +36,7 @@ class GlueFormat:
     primary: str = "accuracy"
     hub_columns: tuple[str, Optional[str]] = ("sentence", None)
     binarize_at: Optional[float] = None  # a score column turned into labels 0/1 (score >= binarize_at -> 1)
+    hub_config: Optional[str] = None  # the glue config on the hub when it is not the task's name
 
 
 #: longest text accepted in a data row (characters); the csv module's field limit is set to it
@@ -52,7 +53,7 @@ GLUE_FORMATS: dict[str, GlueFormat] = {
     "stsb": GlueFormat("STS-B", 7, 8, 9, (), metrics=("pearson", "spearman"), primary="pearson",
                        hub_columns=("sentence1", "sentence2")),
     "stsb_binary": GlueFormat("STS-B", 7, 8, 9, ("dissimilar", "similar"), binarize_at=3.0,
-                              hub_columns=("sentence1", "sentence2")),
+                              hub_columns=("sentence1", "sentence2"), hub_config="stsb"),
     "mnli": GlueFormat("MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"),
                        dev_file="dev_matched.tsv", hub_columns=("premise", "hypothesis")),
     "qnli": GlueFormat("QNLI", 1, 2, 3, ("entailment", "not_entailment"), hub_columns=("question", "sentence")),
@@ -153,7 +154,7 @@ def load_glue_hub(task: str, calibration_fraction: float, seed: int,
         raise DataError("data.source: glue_hub needs the 'datasets' package (pip install datasets)") from None
     spec = GLUE_FORMATS[task]
     try:
-        dataset = load_dataset("glue", "stsb" if task == "stsb_binary" else task)
+        dataset = load_dataset("glue", spec.hub_config or task)
     except Exception as error:  # network errors come in many types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"data.source: cannot load glue/{task} from the hub (offline? use glue_tsv): {first}") from None

@@ -174,7 +174,7 @@ class GPT2DecoderAdapter:
         Tokens the cache folded into this layer's call (``SlotCache.take_folded``: state propagation of
         tokens that skipped it) go through the same ``ln_1`` / ``c_attn`` call; their K/V are written
         first. (One position per row: [r, 1, width] and [r, heads, 1, head_dim] are the same memory,
-        so the query and K/V are views.)
+        so the query, K/V and the head reshapes after attention are views.)
         """
         block = self.blocks[index]
         folded = cache.take_folded(index)
@@ -191,22 +191,9 @@ class GPT2DecoderAdapter:
                                                           qkv[:, 0, width:].view(r, 2, heads, head_dim), length)
         out = F.scaled_dot_product_attention(qkv[:, :, :width].view(r, heads, 1, head_dim), keys, values,
                                              attn_mask=mask, scale=attention.scaling)
-        return self._after_self_attention_rows(block, index, hidden, out, cache, rows)
+        return self._after_self_attention(index, hidden, out, cache, rows)[:, 0]  # n = 1: reshapes are views
 
     step_rows.takes_folded = True  # it projects the K/V of the rows a SlotCache folds into the call
-
-    def _after_self_attention_rows(self, block: nn.Module, index: int, hidden: Tensor, out: Tensor,
-                                   cache: DecoderCache, rows: Tensor) -> Tensor:
-        """``_after_self_attention`` for one position per row (``step_rows``): out [r, heads, 1, hd],
-        hidden [r, 1, width] -> [r, width]; the cross-attention query is a view (no copy)."""
-        r, _, width = hidden.shape
-        hidden = hidden + dense(block.attn.c_proj, out.reshape(r, 1, width))  # [r, heads, 1, hd]: a view
-        cross_keys, cross_values = cache.constant(index, rows)
-        cross = block.crossattention
-        query = dense(cross.q_attn, block.ln_cross_attn(hidden)).view(r, self.num_heads, 1, self.head_dim)
-        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, scale=cross.scaling)
-        hidden = hidden + dense(cross.c_proj, out.reshape(r, 1, width))
-        return (hidden + self.mlp(block, block.ln_2(hidden)))[:, 0]
 
     def _after_self_attention(self, index: int, hidden: Tensor, out: Tensor, cache: DecoderCache,
                               rows: Optional[Tensor]) -> Tensor:

@@ -171,8 +171,9 @@ class LlamaDecoderAdapter:
     def step_rows(self, index: int, hidden: Tensor, cache: SlotCache, rows: Tensor, positions: Tensor,
                   length: Optional[int] = None) -> Tensor:
         """Layer ``index`` for one new position per row, each at its own cache position (and rotary
-        position; the continuous decoder's ``SlotCache``). hidden [r, width]; rows [r] cache rows; positions [r] cache positions (K/V written
-        there, the query reads 0..own position); length: max(positions) + 1 if known. -> [r, width].
+        position; the continuous decoder's ``SlotCache``). hidden [r, width]; rows [r] cache rows;
+        positions [r] cache positions (K/V written there, the query reads 0..own position); length:
+        max(positions) + 1 if known. -> [r, width].
         With the rows and positions of the cache's ``RowsPlan`` their cos/sin are computed once per
         plan. Tokens the cache folded into this layer's call (``SlotCache.take_folded``: state
         propagation of tokens that skipped it) go through the same norm and projections, each at its
@@ -195,10 +196,10 @@ class LlamaDecoderAdapter:
 
     step_rows.takes_folded = True  # it projects the K/V of the rows a SlotCache folds into the call
 
-    def _rows_rotary(self, cache: DecoderCache, rows: Tensor, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    def _rows_rotary(self, cache: SlotCache, rows: Tensor, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [r, 1, hd] of positions [r] for ``step_rows``; kept in the cache's ``RowsPlan`` of
         these rows when there is one (a group of rows runs layer after layer at the same positions)."""
-        plan = getattr(cache, "plan", None)
+        plan = cache.plan
         memo = plan.memo if plan is not None and plan.matches(rows, positions) else None
         if memo is not None and memo.get("rope_dtype") == like.dtype:
             return memo["rope"]
