@@ -2,7 +2,8 @@
 """Step-synchronous against layer-level continuous caption decoding, on the same images and rule.
 
     python tools/bench_caption_continuous.py RUN_DIR [--rule NAME@VALUE] [--images 64] [--rows 16]
-                                             [--max-len N] [--max-wait CALLS] [--depth-bias 2.5] [--device cpu]
+                                             [--max-len N] [--max-wait CALLS] [--depth-bias 1] [--catch-up 1]
+                                             [--restart-weight 0.5] [--device cpu]
                                              [--repeats 3] [--threads 1] [--json]
     python tools/bench_caption_continuous.py --random [--family gpt2|llama] [--width 64 --layers 6 --heads 4]
                                              [--vocab 50] [--rule maxprob@0.5] ...
@@ -102,10 +103,11 @@ def step_sync(model, features, rule, rows: int, max_len: int, bos: int, eos: int
     return merged, sum(sum(result.step_layers) for result in results)
 
 
-def continuous(model, features, rule, rows: int, max_len: int, bos: int, eos: int, max_wait: Optional[int],
-               depth_bias: float) -> tuple[DecodeResult, int]:
-    """The continuous decoder with ``rows`` slots: (its captions, decoder-layer calls)."""
-    decoder = ContinuousDecoder(model, rule, max_len, rows, bos, eos, max_wait=max_wait, depth_bias=depth_bias)
+def continuous(model, features, rule, rows: int, max_len: int, bos: int, eos: int, scheduler: dict
+               ) -> tuple[DecodeResult, int]:
+    """The continuous decoder with ``rows`` slots and the ``scheduler`` settings (max_wait, depth_bias,
+    catch_up, restart_weight): (its captions, decoder-layer calls)."""
+    decoder = ContinuousDecoder(model, rule, max_len, rows, bos, eos, **scheduler)
     ids = decoder.submit(features)
     captions = decoder.run()
     return captions_to_result(model, [captions[i] for i in ids]), decoder.calls
@@ -126,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=16, help="batch rows (step-sync) = slots (continuous)")
     parser.add_argument("--max-len", type=int, default=None, help="default: the run's evaluate.max_len; --random 20")
     parser.add_argument("--max-wait", type=int, default=None, help="age bound in layer calls (default: 2 x layers)")
-    parser.add_argument("--depth-bias", type=float, default=2.5, help="scheduler preference for deeper queues")
+    parser.add_argument("--depth-bias", type=float, default=1.0, help="scheduler preference for deeper queues")
+    parser.add_argument("--catch-up", type=float, default=1.0,
+                        help="scheduler weight of the tokens one layer deeper (that a call's tokens join)")
+    parser.add_argument("--restart-weight", type=float, default=0.5, help="scheduler weight of the layer-0 queue")
     parser.add_argument("--device", default=None, help="cpu, cuda (default: a run's default device; --random: cpu)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -152,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         max_len = args.max_len or max_len
 
+    scheduler = {"max_wait": args.max_wait, "depth_bias": args.depth_bias, "catch_up": args.catch_up,
+                 "restart_weight": args.restart_weight}
     decoders: dict[str, Callable[[], tuple[DecodeResult, int]]] = {
         "step-sync full": lambda: step_sync(model, features, None, args.rows, max_len, bos, eos),
         "step-sync exit": lambda: step_sync(model, features, rule, args.rows, max_len, bos, eos),
-        "continuous full": lambda: continuous(model, features, None, args.rows, max_len, bos, eos, args.max_wait,
-                                              args.depth_bias),
-        "continuous exit": lambda: continuous(model, features, rule, args.rows, max_len, bos, eos, args.max_wait,
-                                              args.depth_bias),
+        "continuous full": lambda: continuous(model, features, None, args.rows, max_len, bos, eos, scheduler),
+        "continuous exit": lambda: continuous(model, features, rule, args.rows, max_len, bos, eos, scheduler),
     }
     with torch.inference_mode():
         outputs = {name: decode() for name, decode in decoders.items()}
@@ -176,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                      "same_captions": sum(a == b for a, b in zip(result.tokens, reference))})
     info = {"model": label, "machine": machine_info(), "layers": model.num_layers, "exits": model.exits,
             "rule": rule.describe() if rule is not None else "full", "images": int(features.shape[0]),
-            "rows": args.rows, "max_len": max_len, "max_wait": args.max_wait, "depth_bias": args.depth_bias,
-            "threads": args.threads,
+            "rows": args.rows, "max_len": max_len, **scheduler, "threads": args.threads,
             "repeats": args.repeats}
     if args.json:
         print(json.dumps({**info, "rows_table": rows}, indent=2))

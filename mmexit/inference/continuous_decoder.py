@@ -30,17 +30,11 @@ are written by the first call of that layer after it stopped, before token t+1 c
 full model (``rule=None``) runs every layer for every token; rows at different steps still share
 calls.
 
-Scheduler (before every call; deterministic, ages are counted in layer calls):
-  1. age bound: a queue whose oldest token has waited more than ``max_wait`` calls (default: twice
-     the decoder's layers) runs (the one waited on longest, the deeper one on ties): no token starves;
-  2. else the queue with the highest score runs: its waiting tokens x (1 + ``depth_bias`` x
-     layer / (layers - 1)), the deeper one on ties. ``depth_bias=0``: the fullest queue (a call
-     serves the most tokens); a huge one: the deepest queue (every token in flight runs to its exit
-     before layer 0 runs again: step-synchronous sweeps, with finished rows' slots refilled at once).
-     The default 2.5 sits between: a full queue wins, deep tokens (whose rows wait longest) win ties
-     of a few tokens. Images waiting for a slot count in the layer-0 queue when slots are free: they
-     take the slots (``SlotCache.admit``: constants, or the LLaMA prefix's prefill) just before a
-     layer-0 call, so new rows join the rows re-entering layer 0 in one call.
+Scheduler: before every call, ``LayerScheduler`` (``mmexit.inference.layer_scheduler``) picks the
+layer whose queue runs: an age bound first, then a score of waiting tokens weighted by depth plus
+the tokens they would join one layer deeper. Images waiting for a slot count in the layer-0 queue
+when slots are free: they take the slots (``SlotCache.admit``: constants, or the LLaMA prefix's
+prefill) just before a layer-0 call, so new rows join the rows re-entering layer 0 in one call.
 
 What the scheduler can win is bounded: a row's tokens run one after another, so every token of
 depth d needs d calls at layers 0..d-1 in order after its row's previous token; with 16 rows some
@@ -64,6 +58,7 @@ from torch import Tensor
 from mmexit.exits.base import ExitRule, RuleState, check_state, subset_state
 from mmexit.inference.exit_loop import decide_at_exit
 from mmexit.inference.kv_cache import DecoderCache, RowsPlan, SlotCache
+from mmexit.inference.layer_scheduler import LayerScheduler
 from mmexit.inference.search import DecodeResult, _exit_positions
 
 POLICIES = ("propagate",)
@@ -125,8 +120,8 @@ class ContinuousDecoder:
 
     model: a ``Captioner`` (GPT-2 or LLaMA decoder); rule: an exit rule, or None for the full model;
     slots: rows decoded at once; max_wait: the age bound of a queue in layer calls (None: twice the
-    decoder's layers; a huge value: no bound); depth_bias: how much deeper queues are preferred
-    (module doc);
+    decoder's layers; a huge value: no bound); depth_bias, catch_up, restart_weight: the scheduler's
+    scores (``LayerScheduler``);
     policy: the K/V policy of skipped layers (``propagate`` only); keep_logits: keep each token's exit
     logits in its ``Caption`` (tests).
 
@@ -145,7 +140,8 @@ class ContinuousDecoder:
 
     def __init__(self, model, rule: Optional[ExitRule], max_len: int, slots: int = 16, bos_id: int = 1,
                  eos_id: int = 2, policy: str = "propagate", max_wait: Optional[int] = None,
-                 depth_bias: float = 2.5, keep_logits: bool = False) -> None:
+                 depth_bias: float = 1.0, keep_logits: bool = False, catch_up: float = 1.0,
+                 restart_weight: float = 0.5) -> None:
         if policy not in POLICIES:
             raise ValueError(f"the continuous decoder supports policy 'propagate' only (per-row K/V by state "
                              f"propagation); got {policy!r}: use greedy_decode for 'deferred' and 'oracle'")
@@ -155,11 +151,7 @@ class ContinuousDecoder:
         self.max_len, self.num_slots = int(max_len), int(slots)
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self.num_layers = model.num_layers
-        self.max_wait = 2 * self.num_layers if max_wait is None else int(max_wait)
-        if self.max_wait < 0 or depth_bias < 0:
-            raise ValueError(f"max_wait and depth_bias must be >= 0, got {max_wait}, {depth_bias}")
-        # score weight of each layer's queue: 1 at layer 0, 1 + depth_bias at the last layer
-        self.layer_weight = [1.0 + depth_bias * index / max(1, self.num_layers - 1) for index in range(self.num_layers)]
+        self.scheduler = LayerScheduler(self.num_layers, max_wait, depth_bias, catch_up, restart_weight)
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
         self.needs_logits = rule is None or rule.needs_logits
         self.keep_logits = keep_logits
@@ -248,20 +240,8 @@ class ContinuousDecoder:
 
     # ---------------------------------------------------------------------- scheduler
     def _pick(self) -> Optional[int]:
-        """The layer to run next (see the module doc), or None when nothing waits."""
-        admissible = min(len(self.free), len(self.waiting))
-        best, best_key = None, None
-        calls, max_wait = self.calls, self.max_wait
-        for index, queue in enumerate(self.queues):
-            size = self.queued[index] + (admissible if index == 0 else 0)
-            if size == 0:
-                continue
-            waited = calls - queue[0].entered if queue else 0  # cohorts join in call order: the first is oldest
-            late = waited > max_wait
-            key = (late, waited if late else size * self.layer_weight[index], index)
-            if best_key is None or key > best_key:
-                best, best_key = index, key
-        return best
+        """The layer to run next (``LayerScheduler.pick``), or None when nothing waits."""
+        return self.scheduler.pick(self.queues, self.queued, min(len(self.free), len(self.waiting)), self.calls)
 
     def _admit(self, count: int) -> None:
         """``count`` waiting images take free slots; their BOS tokens join the layer-0 queue."""
@@ -436,11 +416,13 @@ def captions_to_result(model, captions: list[Caption]) -> DecodeResult:
 
 def continuous_greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_len: int = 20,
                              bos_id: int = 1, eos_id: int = 2, policy: str = "propagate", slots: int = 16,
-                             max_wait: Optional[int] = None, depth_bias: float = 2.5) -> DecodeResult:
+                             max_wait: Optional[int] = None, depth_bias: float = 1.0, catch_up: float = 1.0,
+                             restart_weight: float = 0.5) -> DecodeResult:
     """Greedy captions for features [B, patches, width] by the continuous decoder (``slots`` rows at
-    once; max_wait, depth_bias: the scheduler's, see ``ContinuousDecoder``); the same return type as
-    ``greedy_decode`` (``step_layers`` stays empty)."""
-    decoder = ContinuousDecoder(model, rule, max_len, slots, bos_id, eos_id, policy, max_wait, depth_bias)
+    once; max_wait, depth_bias, catch_up, restart_weight: the scheduler's, see ``ContinuousDecoder``);
+    the same return type as ``greedy_decode`` (``step_layers`` stays empty)."""
+    decoder = ContinuousDecoder(model, rule, max_len, slots, bos_id, eos_id, policy, max_wait, depth_bias,
+                                catch_up=catch_up, restart_weight=restart_weight)
     ids = decoder.submit(features)
     captions = decoder.run()
     return captions_to_result(model, [captions[image] for image in ids])

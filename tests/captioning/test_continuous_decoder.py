@@ -5,7 +5,7 @@ RoPE, grouped-query attention) captioners.
 Each image's tokens and layers per token equal ``greedy_decode`` on the image alone (batch 1,
 ``propagate``) for rules that stop rows at different layers (stateless max-prob, stateful patience,
 saturation that reads hidden states and no logits), whatever the slot count, arrival order, late
-submissions and scheduler settings (age bound, depth bias); each token's exit logits and every K/V
+submissions and scheduler settings (age bound, depth bias, catch-up, restart weight); each token's exit logits and every K/V
 a token reads equal the batch-1 stepper's up to float noise; the full model equals
 ``greedy_decode(rule=None)``; a finished row's slot is reused; rows at different caption positions
 share layer calls.
@@ -26,7 +26,7 @@ from mmexit_testing import one_torch_thread  # noqa: E402
 from mmexit.exits.confidence import MaxProbRule  # noqa: E402
 from mmexit.exits.patience import PatienceRule  # noqa: E402
 from mmexit.exits.saturation import SaturationRule  # noqa: E402
-from mmexit.inference.continuous_decoder import ContinuousDecoder, continuous_greedy_decode  # noqa: E402
+from mmexit.inference.continuous_decoder import Cohort, ContinuousDecoder, continuous_greedy_decode  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.inference.stepper import CachedStepper  # noqa: E402
 from mmexit.models.captioner import build_captioner  # noqa: E402
@@ -41,10 +41,12 @@ FAMILIES = {
 }
 RULES = ["maxprob", "patience", "saturation"]
 NO_AGE_BOUND = 10**9
-#: scheduler settings (max_wait, depth_bias): the default; oldest queue first; fullest queue first with
-#: a short age bound; deepest queue first (step-synchronous sweeps); fullest with no age bound
-SCHEDULERS = {"default": (None, 2.5), "oldest": (0, 2.5), "fullest_wait2": (2, 0.0),
-              "deepest": (NO_AGE_BOUND, 1e9), "fullest_unbounded": (NO_AGE_BOUND, 0.0)}
+#: scheduler settings (max_wait, depth_bias, catch_up, restart_weight): the default; the earlier default
+#: (no catch-up term); oldest queue first; fullest queue first with a short age bound; deepest queue
+#: first (step-synchronous sweeps); fullest with no age bound; catch-up and held restarts dominating
+SCHEDULERS = {"default": (None, 1.0, 1.0, 0.5), "depth_bias_2.5": (None, 2.5, 0.0, 1.0), "oldest": (0, 1.0, 1.0, 0.5),
+              "fullest_wait2": (2, 0.0, 0.0, 1.0), "deepest": (NO_AGE_BOUND, 1e9, 0.0, 1.0),
+              "fullest_unbounded": (NO_AGE_BOUND, 0.0, 0.0, 1.0), "catch_up": (NO_AGE_BOUND, 0.0, 10.0, 0.1)}
 
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -119,9 +121,9 @@ def test_rules_stop_rows_at_different_layers(models, references, family, rule_na
 def test_each_row_equals_greedy_alone(models, references, family, rule_name, slots, scheduler):
     model, features, eos = models[family]
     rule = FAMILIES[family][1][rule_name]
-    max_wait, depth_bias = SCHEDULERS[scheduler]
+    max_wait, depth_bias, catch_up, restart_weight = SCHEDULERS[scheduler]
     decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, max_wait=max_wait, depth_bias=depth_bias,
-                                keep_logits=True)
+                                keep_logits=True, catch_up=catch_up, restart_weight=restart_weight)
     ids = decoder.submit(features)
     captions = decoder.run()
     check_captions([captions[i] for i in ids], references[family, rule_name])
@@ -225,6 +227,41 @@ def test_rows_at_different_positions_share_layer_calls(models, monkeypatch, fami
     assert decoder.calls == len(calls)
     assert any(len(set(positions)) > 1 for _, positions in calls)
     assert decoder.row_layers == sum(len(positions) for _, positions in calls)
+
+
+def _queue_tokens(decoder: ContinuousDecoder, layer: int, count: int) -> None:
+    """``count`` made-up tokens waiting at ``layer`` (only what the scheduler reads: sizes, ages)."""
+    decoder.queues[layer].append(Cohort(list(range(count)), [0] * count, None, {}, decoder.calls))
+    decoder.queued[layer] += count
+
+
+@pytest.mark.parametrize("catch_up, expected", [(0.0, 2), (1.0, 1)])
+def test_scheduler_scores(models, catch_up, expected):
+    """Score = waiting tokens x layer weight (+ catch_up x tokens one layer deeper): with 2 tokens at
+    layer 1 and 3 at layer 2 of 4, depth_bias 1, layer 2 scores 3 x 5/3 = 5; layer 1 scores 2 x 4/3
+    = 2.67 alone, 5.67 with the 3 tokens it would join."""
+    model = models["gpt2"][0]
+    assert model.num_layers == 4
+    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 4, BOS, depth_bias=1.0, catch_up=catch_up)
+    _queue_tokens(decoder, 1, 2)
+    _queue_tokens(decoder, 2, 3)
+    assert decoder._pick() == expected
+
+
+def test_scheduler_restart_weight_and_age_bound(models):
+    """The layer-0 queue counts at restart_weight (4 x 0.5 = 2 < 3 tokens at layer 1); past max_wait
+    calls the oldest queue runs whatever the scores."""
+    model = models["gpt2"][0]
+    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS, depth_bias=0.0, catch_up=0.0,
+                                restart_weight=0.5, max_wait=5)
+    _queue_tokens(decoder, 0, 4)
+    _queue_tokens(decoder, 1, 3)
+    assert decoder._pick() == 1
+    decoder.calls += 6  # both queues waited 6 > 5 calls: the deeper of the two oldest
+    _queue_tokens(decoder, 3, 8)
+    assert decoder._pick() == 1
+    with pytest.raises(ValueError, match="restart_weight"):
+        ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS, restart_weight=0.0)
 
 
 @pytest.mark.parametrize("policy", ["deferred", "oracle", "nonsense"])
