@@ -13,6 +13,8 @@ with its calibration, at another point, e.g. ``"pcee@0.85"`` or ``"pcee@delta=0.
 
 from __future__ import annotations
 
+import gc
+
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -43,10 +45,19 @@ class Predictor:
         self.model, self.processor = model, processor
         self.rule, self.operating_point = rule, operating_point
         self.device = device
+        self.weights_released = False
 
     @property
     def task(self) -> str:
         return self.recipe["task"]
+
+    def release_weights(self) -> None:
+        """Drop the model's weights, keep its structure (exit layers, labels, config): for the HTTP
+        process of ``mmexit serve --engine-process``, whose engines run in a worker with their own
+        copy. The tensors move to the meta device, so a forward pass afterwards fails loudly."""
+        self.model.to("meta")
+        self.weights_released = True
+        gc.collect()
 
     def describe(self) -> dict:
         """What is loaded: task, operating point, exits, device."""

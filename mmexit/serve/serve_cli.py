@@ -89,7 +89,8 @@ def listen(host: str, port: int) -> socket.socket:
 def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits) -> None:
     """Replace ``service``'s engines by stand-ins of the same engines in a worker process
     (``mmexit.serve.engine_process``). The stand-ins keep the queue bounds; the worker's engines get
-    no bound of their own (rows reach them only through the stand-ins)."""
+    no bound of their own (rows reach them only through the stand-ins). Once the worker is ready,
+    this process drops its copy of the weights (it parses, tokenizes and decodes images only)."""
     from dataclasses import replace
 
     from mmexit.serve.engine_process import process_engines
@@ -100,6 +101,7 @@ def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits)
     kinds = {name: engine.kind for name, engine in service.engines.items()}
     service.engines = process_engines(str(service.predictor.run_dir), args.rule, args.device, args.threads, build,
                                       kinds, args.max_batch, args.max_queue, limits.queue_wait)
+    service.predictor.release_weights()
 
 
 def serve_main(argv: Optional[list[str]] = None) -> int:

@@ -79,6 +79,31 @@ def test_a_dead_worker_fails_waiting_requests_with_engine_stopped(tiny_run):
     assert proxy.stop(True, 5)
 
 
+def test_the_http_process_drops_its_weights_once_the_worker_runs_the_engines(tiny_run):
+    """``move_engines_to_a_process`` (what ``mmexit serve --engine-process`` does): the HTTP process's
+    model keeps its structure (exits, labels, /health) but no weights; answers come from the worker."""
+    from mmexit.serve.serve_cli import move_engines_to_a_process, parse_args
+
+    args = parse_args([str(tiny_run), "--engine-process", "--threads", "1"])
+    predictor = load(tiny_run)
+    expected = predictor.predict(["good film", "dull plot"])
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout,
+                    max_queue_wait=args.max_queue_wait)
+    service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
+                            args.max_wait_ms, args.engines, args.group_lengths)
+    move_engines_to_a_process(service, args, limits)
+    try:
+        assert predictor.weights_released
+        assert {p.device.type for p in predictor.model.parameters()} == {"meta"}
+        assert predictor.describe()["exit_layers"] == list(predictor.model.exit_layers)
+        rows = encode_rows(predictor.processor, [TextExample(t, None, 0) for t in ["good film", "dull plot"]],
+                           predictor.max_length)
+        answers = service.engines[service.default].submit(rows).result(60)
+        assert [r.exit_layer for r in answers] == [r["exit_layer"] for r in expected]
+    finally:
+        assert all(engine.stop(True, 30) for engine in service.engines.values())
+
+
 def test_server_with_an_engine_process_answers_counts_and_drains(tmp_path):
     run = make_tiny_run(tmp_path / "run")
     expected = load(run, rule="slow@0.9").predict(["good film", "dull plot", "warm cold dark light"])
