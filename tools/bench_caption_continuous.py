@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from mmexit.evaluation.timing import machine_info, time_alternating  # noqa: E402
 from mmexit.exits.base import ExitRule  # noqa: E402
 from mmexit.inference.continuous_decoder import ContinuousDecoder, captions_to_result  # noqa: E402
+from mmexit.inference.layer_scheduler import SchedulerSettings  # noqa: E402
 from mmexit.inference.search import DecodeResult, greedy_decode  # noqa: E402
 
 
@@ -103,11 +105,11 @@ def step_sync(model, features, rule, rows: int, max_len: int, bos: int, eos: int
     return merged, sum(sum(result.step_layers) for result in results)
 
 
-def continuous(model, features, rule, rows: int, max_len: int, bos: int, eos: int, scheduler: dict
+def continuous(model, features, rule, rows: int, max_len: int, bos: int, eos: int, scheduler: SchedulerSettings
                ) -> tuple[DecodeResult, int]:
-    """The continuous decoder with ``rows`` slots and the ``scheduler`` settings (max_wait, depth_bias,
-    catch_up, restart_weight): (its captions, decoder-layer calls)."""
-    decoder = ContinuousDecoder(model, rule, max_len, rows, bos, eos, **scheduler)
+    """The continuous decoder with ``rows`` slots and the ``scheduler`` settings: (its captions,
+    decoder-layer calls)."""
+    decoder = ContinuousDecoder(model, rule, max_len, rows, bos, eos, scheduler=scheduler)
     ids = decoder.submit(features)
     captions = decoder.run()
     return captions_to_result(model, [captions[i] for i in ids]), decoder.calls
@@ -157,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         max_len = args.max_len or max_len
 
-    scheduler = {"max_wait": args.max_wait, "depth_bias": args.depth_bias, "catch_up": args.catch_up,
-                 "restart_weight": args.restart_weight}
+    try:
+        scheduler = SchedulerSettings(args.max_wait, args.depth_bias, args.catch_up, args.restart_weight)
+    except ValueError as error:
+        print(f"mmexit: error: {error}", file=sys.stderr)
+        return 2
     decoders: dict[str, Callable[[], tuple[DecodeResult, int]]] = {
         "step-sync full": lambda: step_sync(model, features, None, args.rows, max_len, bos, eos),
         "step-sync exit": lambda: step_sync(model, features, rule, args.rows, max_len, bos, eos),
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                      "same_captions": sum(a == b for a, b in zip(result.tokens, reference))})
     info = {"model": label, "machine": machine_info(), "layers": model.num_layers, "exits": model.exits,
             "rule": rule.describe() if rule is not None else "full", "images": int(features.shape[0]),
-            "rows": args.rows, "max_len": max_len, **scheduler, "threads": args.threads,
+            "rows": args.rows, "max_len": max_len, **asdict(scheduler), "threads": args.threads,
             "repeats": args.repeats}
     if args.json:
         print(json.dumps({**info, "rows_table": rows}, indent=2))

@@ -58,7 +58,7 @@ from torch import Tensor
 from mmexit.exits.base import ExitRule, RuleState, check_state, subset_state
 from mmexit.inference.exit_loop import decide_at_exit
 from mmexit.inference.kv_cache import DecoderCache, RowsPlan, SlotCache
-from mmexit.inference.layer_scheduler import LayerScheduler
+from mmexit.inference.layer_scheduler import LayerScheduler, SchedulerSettings
 from mmexit.inference.search import DecodeResult, _exit_positions
 
 POLICIES = ("propagate",)
@@ -119,11 +119,9 @@ class ContinuousDecoder:
     """Greedy captions with per-token early exit, every row at its own step, over a pool of slots.
 
     model: a ``Captioner`` (GPT-2 or LLaMA decoder); rule: an exit rule, or None for the full model;
-    slots: rows decoded at once; max_wait: the age bound of a queue in layer calls (None: twice the
-    decoder's layers; a huge value: no bound); depth_bias, catch_up, restart_weight: the scheduler's
-    scores (``LayerScheduler``);
-    policy: the K/V policy of skipped layers (``propagate`` only); keep_logits: keep each token's exit
-    logits in its ``Caption`` (tests).
+    slots: rows decoded at once; policy: the K/V policy of skipped layers (``propagate`` only);
+    scheduler: the ``LayerScheduler``'s settings (age bound, score weights); keep_logits: keep each
+    token's exit logits in its ``Caption`` (tests).
 
     ``submit(features)`` queues images (any time, also between ``step`` calls); ``step()`` makes one
     scheduling decision and runs one layer call; ``run()`` steps until every submitted image is
@@ -139,9 +137,8 @@ class ContinuousDecoder:
     """
 
     def __init__(self, model, rule: Optional[ExitRule], max_len: int, slots: int = 16, bos_id: int = 1,
-                 eos_id: int = 2, policy: str = "propagate", max_wait: Optional[int] = None,
-                 depth_bias: float = 1.0, keep_logits: bool = False, catch_up: float = 1.0,
-                 restart_weight: float = 0.5) -> None:
+                 eos_id: int = 2, policy: str = "propagate", scheduler: SchedulerSettings = SchedulerSettings(),
+                 keep_logits: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"the continuous decoder supports policy 'propagate' only (per-row K/V by state "
                              f"propagation); got {policy!r}: use greedy_decode for 'deferred' and 'oracle'")
@@ -151,7 +148,7 @@ class ContinuousDecoder:
         self.max_len, self.num_slots = int(max_len), int(slots)
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self.num_layers = model.num_layers
-        self.scheduler = LayerScheduler(self.num_layers, max_wait, depth_bias, catch_up, restart_weight)
+        self.scheduler = LayerScheduler(self.num_layers, scheduler)
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
         self.needs_logits = rule is None or rule.needs_logits
         self.keep_logits = keep_logits
@@ -416,13 +413,11 @@ def captions_to_result(model, captions: list[Caption]) -> DecodeResult:
 
 def continuous_greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_len: int = 20,
                              bos_id: int = 1, eos_id: int = 2, policy: str = "propagate", slots: int = 16,
-                             max_wait: Optional[int] = None, depth_bias: float = 1.0, catch_up: float = 1.0,
-                             restart_weight: float = 0.5) -> DecodeResult:
+                             scheduler: SchedulerSettings = SchedulerSettings()) -> DecodeResult:
     """Greedy captions for features [B, patches, width] by the continuous decoder (``slots`` rows at
-    once; max_wait, depth_bias, catch_up, restart_weight: the scheduler's, see ``ContinuousDecoder``);
-    the same return type as ``greedy_decode`` (``step_layers`` stays empty)."""
-    decoder = ContinuousDecoder(model, rule, max_len, slots, bos_id, eos_id, policy, max_wait, depth_bias,
-                                catch_up=catch_up, restart_weight=restart_weight)
+    once; scheduler: its settings, see ``ContinuousDecoder``); the same return type as
+    ``greedy_decode`` (``step_layers`` stays empty)."""
+    decoder = ContinuousDecoder(model, rule, max_len, slots, bos_id, eos_id, policy, scheduler)
     ids = decoder.submit(features)
     captions = decoder.run()
     return captions_to_result(model, [captions[image] for image in ids])

@@ -25,6 +25,7 @@ call orders) needs 5-8% fewer calls again (docs/results/serving.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 
@@ -34,24 +35,33 @@ class Queued(Protocol):
     entered: int
 
 
-class LayerScheduler:
-    """Picks the layer whose queue runs next (module doc).
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The scheduler's settings (module doc): max_wait, the age bound in layer calls (None: twice the
+    decoder's layers; a huge value: no bound); depth_bias, catch_up, restart_weight: the score's weights."""
 
-    num_layers: the decoder's layers; max_wait: the age bound in layer calls (None: twice the
-    layers); depth_bias, catch_up, restart_weight: the score's weights.
-    """
+    max_wait: Optional[int] = None
+    depth_bias: float = 1.0
+    catch_up: float = 1.0
+    restart_weight: float = 0.5
 
-    def __init__(self, num_layers: int, max_wait: Optional[int] = None, depth_bias: float = 1.0,
-                 catch_up: float = 1.0, restart_weight: float = 0.5) -> None:
-        self.max_wait = 2 * num_layers if max_wait is None else int(max_wait)
-        if self.max_wait < 0 or min(depth_bias, catch_up) < 0 or restart_weight <= 0:
+    def __post_init__(self) -> None:
+        if (self.max_wait is not None and self.max_wait < 0) or min(self.depth_bias, self.catch_up) < 0 \
+                or self.restart_weight <= 0:
             raise ValueError(f"max_wait, depth_bias and catch_up must be >= 0 and restart_weight > 0, got "
-                             f"{max_wait}, {depth_bias}, {catch_up}, {restart_weight}")
+                             f"{self.max_wait}, {self.depth_bias}, {self.catch_up}, {self.restart_weight}")
+
+
+class LayerScheduler:
+    """Picks the layer whose queue runs next (module doc) for a decoder of ``num_layers`` layers."""
+
+    def __init__(self, num_layers: int, settings: SchedulerSettings = SchedulerSettings()) -> None:
+        self.max_wait = 2 * num_layers if settings.max_wait is None else int(settings.max_wait)
         self.last = num_layers - 1
         # score weight of each layer's queue: restart_weight at layer 0, 1 + depth_bias at the last layer
-        self.layer_weight = [1.0 + depth_bias * index / max(1, self.last) for index in range(num_layers)]
-        self.layer_weight[0] = float(restart_weight)
-        self.catch_up = float(catch_up)
+        self.layer_weight = [1.0 + settings.depth_bias * index / max(1, self.last) for index in range(num_layers)]
+        self.layer_weight[0] = float(settings.restart_weight)
+        self.catch_up = float(settings.catch_up)
 
     def pick(self, queues: Sequence[Sequence[Queued]], queued: Sequence[int], admissible: int,
              calls: int) -> Optional[int]:

@@ -14,7 +14,6 @@ with its calibration, at another point, e.g. ``"pcee@0.85"`` or ``"pcee@delta=0.
 from __future__ import annotations
 
 import gc
-
 import json
 from pathlib import Path
 from typing import Optional, Union

@@ -27,6 +27,7 @@ from mmexit.exits.confidence import MaxProbRule  # noqa: E402
 from mmexit.exits.patience import PatienceRule  # noqa: E402
 from mmexit.exits.saturation import SaturationRule  # noqa: E402
 from mmexit.inference.continuous_decoder import Cohort, ContinuousDecoder, continuous_greedy_decode  # noqa: E402
+from mmexit.inference.layer_scheduler import SchedulerSettings  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.inference.stepper import CachedStepper  # noqa: E402
 from mmexit.models.captioner import build_captioner  # noqa: E402
@@ -44,9 +45,10 @@ NO_AGE_BOUND = 10**9
 #: scheduler settings (max_wait, depth_bias, catch_up, restart_weight): the default; the earlier default
 #: (no catch-up term); oldest queue first; fullest queue first with a short age bound; deepest queue
 #: first (step-synchronous sweeps); fullest with no age bound; catch-up and held restarts dominating
-SCHEDULERS = {"default": (None, 1.0, 1.0, 0.5), "depth_bias_2.5": (None, 2.5, 0.0, 1.0), "oldest": (0, 1.0, 1.0, 0.5),
-              "fullest_wait2": (2, 0.0, 0.0, 1.0), "deepest": (NO_AGE_BOUND, 1e9, 0.0, 1.0),
-              "fullest_unbounded": (NO_AGE_BOUND, 0.0, 0.0, 1.0), "catch_up": (NO_AGE_BOUND, 0.0, 10.0, 0.1)}
+SCHEDULERS = {name: SchedulerSettings(*values) for name, values in {
+    "default": (None, 1.0, 1.0, 0.5), "depth_bias_2.5": (None, 2.5, 0.0, 1.0), "oldest": (0, 1.0, 1.0, 0.5),
+    "fullest_wait2": (2, 0.0, 0.0, 1.0), "deepest": (NO_AGE_BOUND, 1e9, 0.0, 1.0),
+    "fullest_unbounded": (NO_AGE_BOUND, 0.0, 0.0, 1.0), "catch_up": (NO_AGE_BOUND, 0.0, 10.0, 0.1)}.items()}
 
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -121,9 +123,8 @@ def test_rules_stop_rows_at_different_layers(models, references, family, rule_na
 def test_each_row_equals_greedy_alone(models, references, family, rule_name, slots, scheduler):
     model, features, eos = models[family]
     rule = FAMILIES[family][1][rule_name]
-    max_wait, depth_bias, catch_up, restart_weight = SCHEDULERS[scheduler]
-    decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, max_wait=max_wait, depth_bias=depth_bias,
-                                keep_logits=True, catch_up=catch_up, restart_weight=restart_weight)
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, scheduler=SCHEDULERS[scheduler],
+                                keep_logits=True)
     ids = decoder.submit(features)
     captions = decoder.run()
     check_captions([captions[i] for i in ids], references[family, rule_name])
@@ -242,7 +243,8 @@ def test_scheduler_scores(models, catch_up, expected):
     = 2.67 alone, 5.67 with the 3 tokens it would join."""
     model = models["gpt2"][0]
     assert model.num_layers == 4
-    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 4, BOS, depth_bias=1.0, catch_up=catch_up)
+    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 4, BOS,
+                                scheduler=SchedulerSettings(depth_bias=1.0, catch_up=catch_up))
     _queue_tokens(decoder, 1, 2)
     _queue_tokens(decoder, 2, 3)
     assert decoder._pick() == expected
@@ -252,8 +254,9 @@ def test_scheduler_restart_weight_and_age_bound(models):
     """The layer-0 queue counts at restart_weight (4 x 0.5 = 2 < 3 tokens at layer 1); past max_wait
     calls the oldest queue runs whatever the scores."""
     model = models["gpt2"][0]
-    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS, depth_bias=0.0, catch_up=0.0,
-                                restart_weight=0.5, max_wait=5)
+    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS,
+                                scheduler=SchedulerSettings(max_wait=5, depth_bias=0.0, catch_up=0.0,
+                                                            restart_weight=0.5))
     _queue_tokens(decoder, 0, 4)
     _queue_tokens(decoder, 1, 3)
     assert decoder._pick() == 1
@@ -261,7 +264,7 @@ def test_scheduler_restart_weight_and_age_bound(models):
     _queue_tokens(decoder, 3, 8)
     assert decoder._pick() == 1
     with pytest.raises(ValueError, match="restart_weight"):
-        ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS, restart_weight=0.0)
+        SchedulerSettings(restart_weight=0.0)
 
 
 @pytest.mark.parametrize("policy", ["deferred", "oracle", "nonsense"])
