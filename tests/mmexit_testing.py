@@ -14,6 +14,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+#: special token ids of the tiny captioners of tests/captioning/conftest.py
+CAPTION_BOS, CAPTION_EOS, CAPTION_PAD = 1, 2, 0
 def one_torch_thread():
     """Body of an autouse fixture (``pytest.fixture(autouse=True)(one_torch_thread)``): torch on one
     thread for the test. Width-32 models gain nothing from a second thread and lose a lot when the

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmexit_testing import CAPTION_BOS as BOS, CAPTION_EOS as EOS, CAPTION_PAD as PAD
 from mmexit.models.captioner import build_captioner
-
-BOS, EOS, PAD = 1, 2, 0
 
 
 def tiny_spec(n_layer: int = 4, exits="all", exit_head: str = "shared", vocab: int = 30) -> dict:

@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import BOS, EOS
-from mmexit_testing import run_interleaved
+from mmexit_testing import CAPTION_BOS as BOS, CAPTION_EOS as EOS, run_interleaved
 from PIL import Image
 
 from mmexit.data.coco import image_tensor
