@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mmexit_testing, read by the captioning conftest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "captioning"))
 
 from mmexit.training.joint import JointLoss  # noqa: E402
