@@ -122,5 +122,7 @@ def check_state(rule: ExitRule, state: RuleState, rows: int) -> None:
 
 
 def subset_state(state: RuleState, keep: Tensor) -> RuleState:
-    """Keep the rows ``keep`` (bool mask [rows] or index tensor) of every state tensor."""
+    """Keep the rows ``keep`` (bool mask [rows] or long index tensor [k]) of every state tensor."""
+    if keep.dtype == torch.long:  # index_select: cheaper than advanced indexing for a few rows
+        return {key: value.index_select(0, keep) for key, value in state.items()}
     return {key: value[keep] for key, value in state.items()}

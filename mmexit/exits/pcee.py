@@ -294,9 +294,19 @@ class PCEERule(PerExitTemperature, ExitRule):
             if level is None:
                 return torch.zeros_like(confidence, dtype=torch.bool)
             return confidence >= level
-        bins = bin_index(confidence, self.edges[view.exit_index])
-        allowed = self.exit_allowed(view.exit_index).to(confidence.device)
-        return allowed[bins]
+        edges, allowed = self._decision_table(view.exit_index, confidence)
+        return allowed.index_select(0, torch.searchsorted(edges, confidence, right=True))  # bin_index's bins
+
+    def _decision_table(self, exit_index: int, confidence: Tensor) -> tuple[Tensor, Tensor]:
+        """(edges [bins - 1], allowed [bins]) of one exit on the confidence's device and dtype, kept per
+        operating point: ``decide`` runs once per exit and call, the table changes only with them."""
+        key = ("table", self.guarantee, self.threshold, self.alpha, self.bound, self.min_bin_count, exit_index,
+               confidence.device, confidence.dtype)
+        table = self._decisions.get(key)
+        if table is None:
+            edges = self.edges[exit_index].to(confidence.device, confidence.dtype).contiguous()
+            table = self._decisions[key] = (edges, self.exit_allowed(exit_index).to(confidence.device))
+        return table
 
     def reachable(self, delta: Optional[float] = None) -> bool:
         """Whether some internal exit may stop rows at ``delta`` (else every row runs the full model)."""

@@ -339,7 +339,8 @@ class ContinuousDecoder:
                    stopped_logits, layer)
         rows = torch.tensor(kept, dtype=torch.long, device=self.device)
         self._enqueue(layer, Cohort([cohort.slot_ids[j] for j in kept], [cohort.positions[j] for j in kept],
-                                    hidden.index_select(0, rows), subset_state(cohort.state, rows), self.calls))
+                                    hidden.index_select(0, rows), subset_state(cohort.state, rows), self.calls,
+                                    plan=plan.subset(rows)))
 
     def _stop(self, slot_ids: list[int], positions: list[int], hidden: Tensor, logits: Tensor, layer: int) -> None:
         """Tokens that stopped after ``layer`` (1-based): greedy next token; finished rows free their

@@ -142,6 +142,15 @@ class RowsPlan:
         """True when ``rows`` and ``positions`` are this plan's own tensors (and ``length`` its own)."""
         return rows is self.rows and positions is self.positions and (length is None or length == self.length)
 
+    def subset(self, index: Tensor) -> "RowsPlan":
+        """The plan of rows ``index`` (long [k], 0-based into this plan's rows) at the same positions,
+        taken from this plan's tensors (no host lists). ``length`` stays (a position past a row's own
+        is masked or, without a mask, every row sits at length - 1); ``memo`` starts empty."""
+        flat = self.flat.view(self.rows.shape[0], -1).index_select(0, index).view(-1)
+        mask = None if self.mask is None else self.mask.index_select(0, index)
+        return RowsPlan(self.rows.index_select(0, index), self.positions.index_select(0, index), self.length,
+                        flat, mask)
+
 
 class SlotCache(DecoderCache):
     """A ``DecoderCache`` of ``slots`` rows (slots) that images take and free one by one.

@@ -396,3 +396,28 @@ def test_rows_plan_writes_and_reads_as_the_generic_path(models, uniform):
         assert torch.equal(got[2] == 0, expected[2]) and bool(torch.isinf(got[2][~expected[2]]).all())
     other = caches[1].write_rows_and_read(1, rows, at, key, value)  # not the plan's tensors: the generic path
     assert other[2].dtype == torch.bool
+
+
+def test_a_subset_plan_equals_the_plan_of_those_rows(models):
+    """RowsPlan.subset (the rows that go on after an exit keep their plan) reads and writes what a plan
+    built for those rows alone does; its length stays the parent's, past a row's own position masked."""
+    from mmexit.inference.kv_cache import SlotCache
+
+    adapter = models["llama"][0].adapter
+    torch.manual_seed(6)
+    slots, positions, keep = [3, 0, 2, 1], [4, 7, 5, 6], [0, 2]
+    caches = [SlotCache(adapter, 4, 2, MAX_LEN, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for layer in range(adapter.num_layers):
+        caches[1].kv[layer].copy_(caches[0].kv[layer].normal_())
+    kv = torch.randn(len(keep), 2, adapter.num_kv_heads, adapter.head_dim)
+    alone = caches[0].plan_rows([slots[j] for j in keep], [positions[j] for j in keep])
+    subset = caches[1].plan_rows(slots, positions).subset(torch.tensor(keep))
+    caches[1].plan = subset
+    assert torch.equal(subset.rows, alone.rows) and torch.equal(subset.positions, alone.positions)
+    assert torch.equal(subset.flat, alone.flat) and subset.length == max(positions) + 1 > alone.length
+    expected = caches[0].write_kv_rows_and_read(1, alone.rows, alone.positions, kv, alone.length)
+    got = caches[1].write_kv_rows_and_read(1, subset.rows, subset.positions, kv, subset.length)
+    assert torch.equal(caches[0].kv[1], caches[1].kv[1])
+    for mine, theirs in zip(got[:2], expected[:2]):
+        assert torch.equal(mine[..., :alone.length, :], theirs)
+    assert torch.equal(got[2][..., :alone.length], expected[2]) and bool(torch.isinf(got[2][..., alone.length:]).all())

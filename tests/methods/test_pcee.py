@@ -54,6 +54,26 @@ def test_bin_accuracies_and_decision():
     assert rule.with_threshold(0.8).decide(ExitView(logits, 0, 2), {}).tolist() == [False, False, False, True, False]
 
 
+def test_the_kept_decision_table_follows_the_operating_point_and_the_guarantee():
+    """decide keeps each exit's (edges, allowed) table; copies at other deltas share the cache but not
+    the table, a guarantee set later replaces it, and every decision equals the bin lookup."""
+    rule = _calibrated()
+    confidence = torch.tensor([0.52, 0.66, 0.78, 0.88, 0.97])
+    logits = _binary_logits(confidence, torch.tensor([0, 1, 0, 1, 1]))
+
+    def looked_up(r):
+        return r.exit_allowed(0)[bin_index(confidence, r.edges[0])].tolist()
+
+    first = rule.decide(ExitView(logits, 0, 2), {}).tolist()
+    assert first == looked_up(rule) == [False, False, True, True, False]
+    for delta in (0.3, 0.6, 0.8, 0.95):
+        other = rule.with_threshold(delta)
+        assert other.decide(ExitView(logits, 0, 2), {}).tolist() == looked_up(other)
+    assert rule.decide(ExitView(logits, 0, 2), {}).tolist() == first  # the copies did not change the original's
+    rule.set_guarantee("bins", alpha=0.1)  # 4 samples per bin: no lower bound reaches 0.7
+    assert rule.decide(ExitView(logits, 0, 2), {}).tolist() == [False] * 5
+
+
 def test_sparse_bins_never_exit_even_at_accuracy_one():
     rule = _calibrated(min_bin_count=5)  # every bin has < 5 samples
     logits = _binary_logits(torch.tensor([0.97, 0.88]), torch.tensor([1, 1]))
