@@ -261,14 +261,18 @@ def save_captioner(model: Captioner, folder: str | Path) -> None:
     save_model(model, str(folder / "model.safetensors"))
 
 
-def load_captioner(folder: str | Path) -> Captioner:
-    """Rebuild a captioner saved by ``save_captioner``."""
+def load_captioner(folder: str | Path, weights: bool = True) -> Captioner:
+    """Rebuild a captioner saved by ``save_captioner``; with ``weights=False`` its structure only
+    (every tensor on the meta device, the weights file not read)."""
     from safetensors.torch import load_model
 
     folder = Path(folder)
     if not (folder / "captioner.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ModelLoadError(f"{folder}: not an mmexit captioner folder (needs captioner.json and model.safetensors)")
     spec = json.loads((folder / "captioner.json").read_text())
+    if not weights:
+        with torch.device("meta"):
+            return build_captioner(spec)
     model = build_captioner(spec)
     load_model(model, str(folder / "model.safetensors"))
     return model

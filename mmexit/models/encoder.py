@@ -189,8 +189,9 @@ class MultiExitEncoder(nn.Module):
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "MultiExitEncoder":
-        """Rebuild a trained multi-exit model from a folder written by ``save_pretrained``."""
+    def from_pretrained(cls, folder: str | Path, weights: bool = True) -> "MultiExitEncoder":
+        """Rebuild a trained multi-exit model from a folder written by ``save_pretrained``; with
+        ``weights=False`` its structure only (every tensor on the meta device, nothing read or allocated)."""
         from transformers import AutoConfig, AutoModel
 
         folder = Path(folder)
@@ -202,10 +203,12 @@ class MultiExitEncoder(nn.Module):
         config = json.loads(config_path.read_text())
         backbone_config = dict(config["backbone_config"])
         model_type = backbone_config.pop("model_type")
-        backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone_config))
-        model = cls(
-            backbone, config["num_labels"], config["exit_layers"], config["pooling"], config["head_dropout"]
-        )
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        with torch.device("cpu" if weights else "meta"):
+            backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone_config))
+            model = cls(
+                backbone, config["num_labels"], config["exit_layers"], config["pooling"], config["head_dropout"]
+            )
+        if weights:
+            model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         model.config_extra = dict(config.get("extra") or {})
         return model

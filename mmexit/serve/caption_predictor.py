@@ -37,6 +37,7 @@ class CaptionPredictor(Predictor):
     def caption(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[dict]:
         """Per image: ``caption``, ``tokens`` (ids) and ``layers`` (decoder layers each generated token ran;
         None under beam search)."""
+        self.check_weights()
         model_cfg, evaluate = self.recipe["model"], self.recipe["evaluate"]
         size, mean, std = model_cfg["image_size"], tuple(model_cfg["image_mean"]), tuple(model_cfg["image_std"])
         pixels = torch.stack([open_image(item, i, size, mean, std) for i, item in enumerate(images)])

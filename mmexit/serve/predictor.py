@@ -50,6 +50,12 @@ class Predictor:
     def task(self) -> str:
         return self.recipe["task"]
 
+    def check_weights(self) -> None:
+        """One line instead of a meta-device error when a predictor without weights is asked to run."""
+        if self.weights_released:
+            raise ModelLoadError(f"{self.run_dir}: this predictor holds the model's structure only (loaded with "
+                                 f"weights=False, or its weights were released); load the run with weights to run it")
+
     def release_weights(self) -> None:
         """Drop the model's weights, keep its structure (exit layers, labels, config): for the HTTP
         process of ``mmexit serve --engine-process``, whose engines run in a worker with their own

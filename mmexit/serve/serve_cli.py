@@ -89,8 +89,9 @@ def listen(host: str, port: int) -> socket.socket:
 def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits) -> None:
     """Replace ``service``'s engines by stand-ins of the same engines in a worker process
     (``mmexit.serve.engine_process``). The stand-ins keep the queue bounds; the worker's engines get
-    no bound of their own (rows reach them only through the stand-ins). Once the worker is ready,
-    this process drops its copy of the weights (it parses, tokenizes and decodes images only)."""
+    no bound of their own (rows reach them only through the stand-ins). This process parses, tokenizes
+    and decodes images only: it drops any copy of the weights it holds once the worker is ready
+    (``mmexit serve`` loads it without them in the first place)."""
     from dataclasses import replace
 
     from mmexit.serve.engine_process import process_engines
@@ -114,7 +115,8 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        predictor = load(args.run_dir, rule=args.rule, device=args.device)
+        # with --engine-process the worker loads the weights; this process needs the structure only
+        predictor = load(args.run_dir, rule=args.rule, device=args.device, weights=not args.engine_process)
         limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout,
                         max_queue_wait=args.max_queue_wait)
         service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,

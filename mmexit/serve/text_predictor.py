@@ -46,6 +46,7 @@ class TextPredictor(Predictor):
         """Per input: ``label`` (class name, or the value for regression), ``label_index``,
         ``probabilities`` (softmax of the exit's logits, with the rule's temperature when calibrated),
         ``exit_layer`` (1-based layer of the exit it left at)."""
+        self.check_weights()
         examples = [as_example(item, position) for position, item in enumerate(texts)]
         names = self.label_names
         results = []

@@ -85,6 +85,8 @@ class Task:
     def title(self, run: Run) -> str:
         return f"{run.recipe['run']['name']}: {self.name}"
 
-    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None) -> tuple[Any, Any]:
-        """(model, processor) of a trained run folder, in eval mode."""
+    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None,
+                           weights: bool = True) -> tuple[Any, Any]:
+        """(model, processor) of a trained run folder, in eval mode; ``weights=False``: the model's
+        structure only, on the meta device (``device`` is ignored)."""
         raise NotImplementedError

@@ -238,10 +238,10 @@ class CaptioningTask(Task):
         return f"{run.recipe['run']['name']}: captioning early exit ({run.recipe['data']['source']})"
 
     # ------------------------------------------------------------------------------ inference
-    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None):
+    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None, weights: bool = True):
         folder = Path(run_dir) / "model"
-        model = load_captioner(folder).eval()
-        if device:
+        model = load_captioner(folder, weights).eval()
+        if device and weights:
             model.to(device)
         return model, self._tokenizer(recipe, folder)
 

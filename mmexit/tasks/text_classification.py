@@ -171,12 +171,12 @@ class TextClassificationTask(Task):
         return f"{run.recipe['run']['name']}: {run.recipe['model']['backbone']} on {run.data.name}"
 
     # ------------------------------------------------------------------------------ inference
-    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None):
+    def load_for_inference(self, run_dir: Path, recipe: dict, device: Optional[str] = None, weights: bool = True):
         from transformers import AutoTokenizer
 
         folder = Path(run_dir) / "model"
-        model = MultiExitEncoder.from_pretrained(folder).eval()
-        if device:
+        model = MultiExitEncoder.from_pretrained(folder, weights).eval()
+        if device and weights:
             model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return model, tokenizer

@@ -89,6 +89,10 @@ def test_caption_vocabulary_head_scores_only_its_tokens(tmp_path):
     save_captioner(model, tmp_path)
     again = load_captioner(tmp_path)
     assert again.head_ids.tolist() == ids
+    structure = load_captioner(tmp_path, weights=False)  # what the HTTP process of serve --engine-process holds
+    assert {t.device.type for t in [*structure.parameters(), *structure.buffers()]} == {"meta"}
+    assert {k: v.shape for k, v in structure.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
+    assert structure.exits == again.exits and structure.num_layers == again.num_layers
 
 
 def test_training_from_encoded_features_equals_training_from_images():

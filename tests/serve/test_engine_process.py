@@ -104,6 +104,21 @@ def test_the_http_process_drops_its_weights_once_the_worker_runs_the_engines(tin
         assert all(engine.stop(True, 30) for engine in service.engines.values())
 
 
+def test_a_run_loads_without_its_weights(tiny_run):
+    """``load(weights=False)`` (the HTTP process of ``serve --engine-process``): the structure, labels
+    and rule of the run, every tensor on meta; asking it to predict is one clear error."""
+    from mmexit.errors import ModelLoadError
+
+    whole, structure = load(tiny_run), load(tiny_run, weights=False)
+    assert {p.device.type for p in structure.model.parameters()} == {"meta"} and structure.weights_released
+    assert structure.describe() == whole.describe() and structure.label_names == whole.label_names
+    assert structure.operating_point == whole.operating_point
+    assert {k: v.shape for k, v in structure.model.state_dict().items()} == \
+        {k: v.shape for k, v in whole.model.state_dict().items()}
+    with pytest.raises(ModelLoadError, match="structure only"):
+        structure.predict(["good film"])
+
+
 def test_server_with_an_engine_process_answers_counts_and_drains(tmp_path):
     run = make_tiny_run(tmp_path / "run")
     expected = load(run, rule="slow@0.9").predict(["good film", "dull plot", "warm cold dark light"])
