@@ -2,7 +2,7 @@
 """What limits the wall-clock efficiency of per-token early exit in caption decoding.
 
     python tools/bench_caption.py [--model DIR] [--width 768 --layers 12 --heads 12 --vocab 50257]
-                                  [--batch-sizes 16 1] [--steps 20] [--repeats 5]
+                                  [--batch-sizes 16 1] [--steps 20] [--repeats 5] [--no-continuous]
 
 Times real KV-cached greedy decoding (``mmexit.inference.search``) of a captioner: a trained
 one (``--model``, e.g. a quickstart run's ``model/`` folder) or a random one of the given decoder
@@ -13,10 +13,16 @@ weights, and every row decodes exactly ``--steps`` tokens (EOS ignored):
   asking every exit head on the way (as max-prob, BEEM and PCEE must), or, like the saturation
   rule, computing logits only at the exit where rows stop;
 - ``alternate@k``: tokens alternate between exit k and the last layer, under ``propagate`` and
-  ``deferred`` (whose skipped layers then run in the next deep token's chunk).
-Prints per batch size: layer speed-up, compute speed-up (deferred: catch-up included), measured
-wall speed-up against the full model (no exit heads) and efficiency = wall / layer speed-up.
-Timings alternate full / early exit per repeat and report medians (BENCHMARKS.md).
+  ``deferred`` (whose skipped layers then run in the next deep token's chunk);
+- ``parity@k``: a token stops at exit k when exit k's argmax is even, else runs to the last layer:
+  rows of one step at different depths, decided by each token alone (the same in every decoder).
+Each pattern runs in the step-synchronous decoder (``greedy_decode``, batches of B) and, for B > 1,
+in the layer-level continuous decoder (``ContinuousDecoder`` with B slots, ``propagate``; rows of
+different steps share layer calls; ``alternate`` has no per-row meaning there and is left out).
+Prints per batch size and decoder: layer speed-up, compute speed-up (deferred: catch-up
+included), measured wall speed-up against the step-synchronous full model (no exit heads) and
+efficiency = wall / layer speed-up; "full" of the continuous decoder is its own row.
+Timings alternate all candidates per repeat and report medians (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from mmexit.inference.continuous_decoder import ContinuousDecoder  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.models.captioner import build_captioner, load_captioner  # noqa: E402
 from mmexit.evaluation.speed import layer_speedup  # noqa: E402
@@ -53,6 +60,17 @@ class AlternateRule(ExitRule):
     def decide(self, view, state) -> torch.Tensor:
         stop = self.tokens % 2 == 1 and view.exit_index >= int(self.threshold)
         return torch.full((view.num_rows,), stop, dtype=torch.bool, device=view.device)
+
+
+class ParityRule(ExitRule):
+    """Tokens whose argmax at exit ``threshold`` is even stop there; the others run to the last layer."""
+
+    name = "parity"
+
+    def decide(self, view, state) -> torch.Tensor:
+        if view.exit_index != int(self.threshold):
+            return torch.zeros(view.num_rows, dtype=torch.bool, device=view.device)
+        return view.logits.argmax(-1) % 2 == 0
 
 
 class FixedNoLogitsRule(FixedExitRule):
@@ -85,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-continuous", action="store_true", help="time the step-synchronous decoder only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         f"fixed@{k} logits only at the exit": (lambda: FixedNoLogitsRule(k), "propagate"),
         f"alternate@{k} propagate": (lambda: AlternateRule(k), "propagate"),
         f"alternate@{k} deferred": (lambda: AlternateRule(k), "deferred"),
+        f"parity@{k}": (lambda: ParityRule(k), "propagate"),
     }
-    print("| batch | rule | layer x | compute x | wall x | efficiency |")
-    print("|---|---|---|---|---|---|")
+    continuous_rules = {name: make for name, (make, policy) in rules.items()
+                        if policy == "propagate" and not name.startswith("alternate")}
+    print("| batch | decoder | rule | layer x | compute x | wall x | efficiency |")
+    print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         count = args.images if batch > 1 else max(4, args.images // 4)
 
@@ -120,15 +142,25 @@ def main(argv: list[str] | None = None) -> int:
             layers = torch.cat([r.layers for r in results])
             return layers, sum(r.catchup_layers for r in results)
 
-        candidates = {"full": decode}
-        candidates.update({name: (lambda m=m, p=p: decode(m, p)) for name, (m, p) in rules.items()})
+        def continuous(make_rule=None):  # EOS -1: every row decodes --steps tokens, as above
+            decoder = ContinuousDecoder(model, make_rule() if make_rule else None, args.steps, batch, 1, -1)
+            decoder.submit(features[:count])
+            return torch.tensor([layer for caption in decoder.run().values() for layer in caption.layers]), 0
+
+        candidates = {("step-sync", "full"): decode}
+        candidates.update({("step-sync", name): (lambda m=m, p=p: decode(m, p)) for name, (m, p) in rules.items()})
+        if batch > 1 and not args.no_continuous:
+            candidates[("continuous", "full")] = continuous
+            candidates.update({("continuous", name): (lambda m=m: continuous(m)) for name, m in continuous_rules.items()})
         times = time_alternating(candidates, args.repeats, warmup=1)
-        for name, (make_rule, policy) in rules.items():
-            layers, catchup = decode(make_rule, policy)
+        for (decoder, name), run in candidates.items():
+            if (decoder, name) == ("step-sync", "full"):
+                continue
+            layers, catchup = run()
             layer_x = layer_speedup(layers, model.num_layers)
             compute_x = model.num_layers * layers.numel() / float(layers.sum() + catchup)
-            wall = times["full"] / times[name]
-            print(f"| {batch} | {name} | {layer_x:.2f} | {compute_x:.2f} | {wall:.2f} | {wall / layer_x:.2f} |")
+            wall = times[("step-sync", "full")] / times[(decoder, name)]
+            print(f"| {batch} | {decoder} | {name} | {layer_x:.2f} | {compute_x:.2f} | {wall:.2f} | {wall / layer_x:.2f} |")
     return 0
 
 

@@ -16,10 +16,18 @@ def test_bench_caption_table_on_a_tiny_decoder():
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 2 ")]
-    layer_x = {cells[1].strip(): float(cells[2]) for cells in rows}
-    compute_x = {cells[1].strip(): float(cells[3]) for cells in rows}
-    assert layer_x["never"] == 1.0 and layer_x["fixed@1"] == 2.0  # exit 1 = layer 2 of 4
-    assert layer_x["alternate@1 deferred"] == layer_x["alternate@1 propagate"] == 1.33
-    assert compute_x["alternate@1 deferred"] < layer_x["alternate@1 deferred"]  # catch-up work is counted
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| 2 ")]
+    layer_x = {(cells[1], cells[2]): float(cells[3]) for cells in rows}
+    compute_x = {(cells[1], cells[2]): float(cells[4]) for cells in rows}
+    step, cont = "step-sync", "continuous"
+    assert layer_x[step, "never"] == 1.0 and layer_x[step, "fixed@1"] == 2.0  # exit 1 = layer 2 of 4
+    assert layer_x[step, "alternate@1 deferred"] == layer_x[step, "alternate@1 propagate"] == 1.33
+    assert compute_x[step, "alternate@1 deferred"] < layer_x[step, "alternate@1 deferred"]  # catch-up work is counted
+    # the continuous decoder runs the same patterns; parity@k depends on each token alone, so both
+    # decoders stop the same tokens (the same layer speed-up)
+    assert layer_x[cont, "full"] == layer_x[cont, "never"] == 1.0 and layer_x[cont, "fixed@1"] == 2.0
+    assert layer_x[cont, "parity@1"] == layer_x[step, "parity@1"]
+    assert not any(name.startswith("alternate") for decoder, name in layer_x if decoder == cont)
     assert any(line.startswith("| 1 ") for line in result.stdout.splitlines())
+    assert not any(line.startswith("| 1 | continuous") for line in result.stdout.splitlines())
