@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmexit.inference.continuous_decoder import ContinuousDecoder  # noqa: E402
+from mmexit.inference.continuous_decoder import continuous_greedy_decode  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.models.captioner import build_captioner, load_captioner  # noqa: E402
 from mmexit.evaluation.speed import layer_speedup  # noqa: E402
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             return layers, sum(r.catchup_layers for r in results)
 
         def continuous(make_rule=None):  # EOS -1: every row decodes --steps tokens, as above
-            decoder = ContinuousDecoder(model, make_rule() if make_rule else None, args.steps, batch, 1, -1)
-            decoder.submit(features[:count])
-            return torch.tensor([layer for caption in decoder.run().values() for layer in caption.layers]), 0
+            result = continuous_greedy_decode(model, features[:count], make_rule() if make_rule else None, args.steps,
+                                              1, -1, slots=batch)
+            return result.layers, 0
 
         candidates = {("step-sync", "full"): decode}
         candidates.update({("step-sync", name): (lambda m=m, p=p: decode(m, p)) for name, (m, p) in rules.items()})

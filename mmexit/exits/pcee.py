@@ -295,7 +295,7 @@ class PCEERule(PerExitTemperature, ExitRule):
                 return torch.zeros_like(confidence, dtype=torch.bool)
             return confidence >= level
         edges, allowed = self._decision_table(view.exit_index, confidence)
-        return allowed.index_select(0, torch.searchsorted(edges, confidence, right=True))  # bin_index's bins
+        return allowed.index_select(0, bin_index(confidence, edges))
 
     def _decision_table(self, exit_index: int, confidence: Tensor) -> tuple[Tensor, Tensor]:
         """(edges [bins - 1], allowed [bins]) of one exit on the confidence's device and dtype, kept per

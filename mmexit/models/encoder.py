@@ -8,6 +8,7 @@ every exit for training and simulated sweeps. Checkpoints are ``model.safetensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -203,7 +204,7 @@ class MultiExitEncoder(nn.Module):
         config = json.loads(config_path.read_text())
         backbone_config = dict(config["backbone_config"])
         model_type = backbone_config.pop("model_type")
-        with torch.device("cpu" if weights else "meta"):
+        with contextlib.nullcontext() if weights else torch.device("meta"):
             backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone_config))
             model = cls(
                 backbone, config["num_labels"], config["exit_layers"], config["pooling"], config["head_dropout"]
