@@ -110,11 +110,14 @@ def test_reduced_quickstart_end_to_end(tmp_path):
 
     tools = REPO / "tools"
     speculative = subprocess.run([sys.executable, str(tools / "bench_caption_speculative.py"), str(out), "--images", "4",
-                                  "--draft-layers", "1", "2", "--draft-tokens", "2", "--repeats", "1", "--json"],
+                                  "--draft-layers", "1", "2", "--draft-tokens", "2", "--repeats", "1", "--costs", "--json"],
                                  capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert speculative.returncode == 0, speculative.stderr[-2000:]
     report = json.loads(speculative.stdout)
     assert len(report["rows"]) == 3 and all(row["exact"] for row in report["rows"])
+    for row in report["rows"][1:]:  # the cost model: a ceiling (every draft kept) above its prediction
+        assert row["ceiling_speedup"] >= row["predicted_speedup"] > 0
+        assert row["part_costs_ms"]["span"]["2"] > 0
     continuous = subprocess.run([sys.executable, str(tools / "bench_caption_continuous.py"), str(out), "--rule",
                                  "maxprob@0.5", "--images", "6", "--rows", "3", "--repeats", "1", "--json"],
                                 capture_output=True, text=True, cwd=tmp_path, timeout=300)
