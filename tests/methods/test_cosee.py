@@ -78,7 +78,7 @@ def test_loss_at_progress_zero_is_mean_exit_ce_plus_alpha_osc_and_beta_grows():
     correct = logits.argmax(-1) == batch["labels"]
     osc, _ = signal_calibration_loss(normalized_energy(logits), correct, 0.3)
     assert logs["beta"] == 0.0
-    assert float(loss) == pytest.approx(float(ce + 0.1 * osc), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ce + 0.1 * osc), rel=1e-5)
     _, logs = loss_fn(model, batch, progress=0.5)
     assert logs["beta"] == pytest.approx(5.0)  # beta_0 * step / total
     loss.backward()
