@@ -194,21 +194,21 @@ def add_cost_model(rows: list[dict], results: dict, model, features: torch.Tenso
                    reference: list[list[int]]) -> None:
     """Add the cost model's predicted speed-up, ceiling and acceptance needed for ``target`` to every
     speculative row (parts timed once per draft layer, on the first image). The per-step overhead
-    of full decoding is what its measured seconds (rows[0]) leave after prefill, layers and head; the
-draft loop's is timed on its own."""
+        of full decoding is what its measured seconds (rows[0]) leave after prefill, layers and head; the
+    draft loop's is timed on its own."""
     from dataclasses import replace
 
     from mmexit.inference.speculative_cost import acceptance_needed, predicted_speedup
 
     costs_by_layer = {}
+    chunk_lengths = sorted({result.draft_tokens for result in results.values()})
+    reference_tokens = sum(len(tokens) for tokens in reference)
     for row in rows[1:]:
         result = results[row["decoder"]]
         layer, k = result.draft_layer, result.draft_tokens
         if layer not in costs_by_layer:
-            ks = sorted({r.draft_tokens for r in results.values()})
-            costs = measure_part_costs(model, features[:1], max_len, layer, ks)
-            tokens = sum(len(row_tokens) for row_tokens in reference)
-            per_token = (rows[0]["seconds"] - len(reference) * costs.prefill) / tokens
+            costs = measure_part_costs(model, features[:1], max_len, layer, chunk_lengths)
+            per_token = (rows[0]["seconds"] - len(reference) * costs.prefill) / reference_tokens
             costs_by_layer[layer] = replace(costs, full_overhead=max(0.0, per_token - costs.full_token()))
         costs = costs_by_layer[layer]
         length = sum(len(tokens) for tokens in result.tokens) / len(result.tokens)

@@ -28,7 +28,7 @@ class PartCosts:
     """Measured costs: step (one layer, one position), span {n: one layer over n positions},
     draft_head (exit E's head, one row), final_head {n: the final head over n rows}, prefill (per
     sequence; 0 to leave it out), full_overhead / draft_overhead (per full-decoding step / per drafted
-token, outside the layers and the head); layers: L."""
+    token, outside the layers and the head); layers: L."""
 
     layers: int
     step: float
