@@ -31,6 +31,14 @@ class CaptionItem:
     captions: list[str] = field(default_factory=list)
 
 
+def flickr_image_id(filename: str, where: str) -> int:
+    """The leading number of a Flickr file name (``1000268201_693b08cb0e.jpg`` -> 1000268201)."""
+    head = Path(filename).stem.split("_")[0]
+    if not head.isdigit():
+        raise DataError(f"{where}: image {filename!r} has no leading number (not a Flickr file name)")
+    return int(head)
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"caption file does not exist: {path}")
@@ -47,7 +55,8 @@ def load_karpathy(path: str | Path, image_root: str | Path) -> dict[str, list[Ca
     """Read ``dataset_coco.json`` (Karpathy): images with filepath, filename, split, sentences.
 
     ``restval`` images are merged into ``train`` as in the standard Karpathy training setup.
-    Image paths are ``image_root/filepath/filename``.
+    Image paths are ``image_root/filepath/filename``. Image ids: ``cocoid``; for Flickr files
+    (``dataset: flickr8k|flickr30k``) the file name's leading number, as the original layout gives.
     """
     path, image_root = Path(path), Path(image_root)
     data = _read_json(path)
@@ -55,11 +64,17 @@ def load_karpathy(path: str | Path, image_root: str | Path) -> dict[str, list[Ca
     if not isinstance(images, list):
         raise DataError(f"{path}: wrong format, expected a Karpathy split file with an 'images' list")
     splits: dict[str, list[CaptionItem]] = {}
+    flickr = str(data.get("dataset", "")).startswith("flickr")
     for position, entry in enumerate(images):
         if not isinstance(entry, dict) or not {"filename", "split", "sentences"} <= set(entry):
             raise DataError(f"{path}: images[{position}] lacks 'filename', 'split' or 'sentences' "
                             "(not a Karpathy split file)")
-        image_id = entry.get("cocoid", entry.get("imgid", position))
+        if "cocoid" in entry:
+            image_id = entry["cocoid"]
+        elif flickr:  # the same ids as the original Flickr layout (mmexit.data.flickr)
+            image_id = flickr_image_id(str(entry["filename"]), f"{path}: images[{position}]")
+        else:
+            image_id = entry.get("imgid", position)
         captions = []
         for sentence in entry["sentences"] or []:
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
@@ -128,10 +143,15 @@ def load_images(items: list[CaptionItem], image_size: int, mean: tuple[float, ..
     """Decode, resize and normalise images into one float tensor [N, 3, image_size, image_size]."""
     out = torch.empty(len(items), 3, image_size, image_size)
     for index, item in enumerate(tqdm(items, desc="images", disable=not progress)):
-        try:
-            with Image.open(item.path) as image:
-                out[index] = image_tensor(image, image_size, mean, std)
-        except Exception as error:
-            raise DataError(f"cannot read image {item.path} (image id {item.image_id}): "
-                            f"{error.__class__.__name__}") from None
+        out[index] = read_image(item.path, image_size, mean, std, f" (image id {item.image_id})")
     return out
+
+
+def read_image(path: Path, image_size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+               std: tuple[float, ...] = (0.5, 0.5, 0.5), where: str = "") -> Tensor:
+    """One image file -> [3, image_size, image_size] (DataError naming the file when it cannot be read)."""
+    try:
+        with Image.open(path) as image:
+            return image_tensor(image, image_size, mean, std)
+    except Exception as error:
+        raise DataError(f"cannot read image {path}{where}: {error.__class__.__name__}") from None

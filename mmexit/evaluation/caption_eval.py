@@ -55,6 +55,12 @@ def decode(model, features: torch.Tensor, rule: Optional[ExitRule], evaluate: di
 
 
 @torch.inference_mode()
+def project(model, encoded: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Encoder outputs [N, P, D] -> decoder-width image features [N, P, width] in batches."""
+    return torch.cat([model.projection(encoded[i:i + batch_size]) for i in range(0, encoded.shape[0], batch_size)])
+
+
+@torch.inference_mode()
 def encode(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Image features [N, patches, width] in batches."""
     return torch.cat([model.encode(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
@@ -87,9 +93,11 @@ def evaluate_captioning(task, run: Run, rules: list[tuple[dict, ExitRule]]) -> E
     batch = evaluate["batch_size"]
     sweep_items = run.data["calib"][: evaluate["sweep_max_images"] or None]
     test_items = run.data["test"]
-    sweep_features = encode(model, task.images(run, "calib", sweep_items).to(next(model.parameters()).device))
-    test_images = task.images(run, "test").to(next(model.parameters()).device)
-    test_features = encode(model, test_images)
+    device = next(model.parameters()).device
+    sweep_features = project(model, task.encoded(run, "calib", sweep_items).to(device))
+    test_features = project(model, task.encoded(run, "test").to(device))
+    # only the timed images are decoded from pixels (the encoder is timed on its own)
+    test_images = task.images(run, "test", test_items[: evaluate["timing_images"]]).to(device)
     # sweeps: BLEU-4 and CIDEr with the Python tokenizer (no java start per point); test rows: PTB
     sweep_scorer = CaptionScorer({i.image_id: i.captions for i in sweep_items}, ("Bleu_4", "CIDEr"), use_java=False)
     test_scorer = CaptionScorer({i.image_id: i.captions for i in test_items}, tuple(evaluate["metrics"]))

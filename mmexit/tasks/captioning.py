@@ -22,11 +22,13 @@ from mmexit.data.caption_tokenizer import (
     caption_vocabulary, load_pretrained_tokenizer, load_word_tokenizer, train_word_tokenizer,
 )
 from mmexit.data.coco import CaptionItem, check_items, load_coco_annotations, load_images, load_karpathy
+from mmexit.data.flickr import FLICKR_LAYOUTS, load_flickr
 from mmexit.errors import CalibrationError, DataError, ModelLoadError, RecipeError
 from mmexit.exits.base import ExitRule
 from mmexit.models.captioner import Captioner, build_captioner, load_captioner, save_captioner
 from mmexit.models.lora import merge_lora
 from mmexit.tasks.base import Evaluation, Run, Task
+from mmexit.tasks.caption_features import encoder_outputs
 from mmexit.training.joint import FinalOnlyLoss, InternalExitsLoss, JointLoss
 from mmexit.training.trainer import train_stage
 
@@ -38,7 +40,14 @@ def load_splits(recipe: dict) -> dict[str, list[CaptionItem]]:
     """The train / calib / test items the recipe names, checked (images exist and decode)."""
     data = recipe["data"]
     source = data["source"]
-    if source == "scenes":
+    if source in FLICKR_LAYOUTS:
+        flickr = data["flickr"] or {}
+        if not flickr.get("root"):
+            raise RecipeError(f"data.flickr.root: source {source} needs the folder of its distribution "
+                              "(e.g. ../shared/data/flickr8k)")
+        splits = load_flickr(flickr["root"], source, flickr.get("token_file"), flickr.get("image_dir"),
+                             flickr.get("split_files"))
+    elif source == "scenes":
         from mmexit.data.scenes import generate_scenes
 
         scenes = data["scenes"]
@@ -63,6 +72,7 @@ def load_splits(recipe: dict) -> dict[str, list[CaptionItem]]:
     chosen = {}
     for role, limit in (("train", "max_train_images"), ("calib", "max_calib_images"), ("test", "max_test_images")):
         name = data[f"{role}_split"]
+        name = "val" if name == "dev" and "dev" not in splits else name  # Flickr's dev is Karpathy's val
         if name not in splits:
             raise DataError(f"data: split {name!r} (data.{role}_split) not found; the data has {sorted(splits)}")
         items = splits[name][: data[limit]] if data[limit] else splits[name]
@@ -173,17 +183,35 @@ class CaptioningTask(Task):
                                          progress=role == "train")
         return run.state[key]
 
+    def encoded(self, run: Run, role: str, items: Optional[list[CaptionItem]] = None) -> torch.Tensor:
+        """The encoder's outputs [N, P, D] (before the projection) for a split's images, kept per run;
+        a frozen encoder's from the feature cache (``data.cache_dir``)."""
+        items = items if items is not None else run.data[role]
+        key = f"encoded:{role}:{len(items)}"
+        if key not in run.state:
+            model = run.accelerator.unwrap_model(run.model)
+            run.state[key] = encoder_outputs(model.encoder, [item.path for item in items], image_norm(run.recipe),
+                                             run.recipe["data"]["cache_dir"],
+                                             progress=run.accelerator.is_local_main_process)
+        return run.state[key]
+
     def train(self, run: Run) -> list[dict]:
         recipe, train = run.recipe, run.recipe["train"]
         captions = [[run.processor.encode(c) for c in item.captions] for item in run.data["train"]]
-        images, captions = with_views(self.images(run, "train"), captions, train["augment"])
-        dataset = CaptionPairs(images, captions)
         model = run.model
         unwrapped = run.accelerator.unwrap_model(model)
-        if unwrapped.encoder_frozen:  # the same features every epoch: encode each image once
-            encoded = encode_frozen(unwrapped, images, quiet=not run.accelerator.is_local_main_process)
+        views = (train["augment"] or {}).get("views", 0)
+        if unwrapped.encoder_frozen:  # the same features every epoch: encode each image once (cached on disk)
+            encoded = self.encoded(run, "train")
+            if views:  # the extra views are encoded here, not cached
+                extra, captions = with_views(self.images(run, "train"), captions, train["augment"])
+                extra = extra[len(run.data["train"]):]
+                encoded = torch.cat([encoded, encode_frozen(unwrapped, extra, quiet=not run.accelerator.is_local_main_process)])
+            dataset = CaptionPairs(encoded, captions)
             collate = CaptionCollator(encoded, run.processor, train["max_length"], key="encoded")
         else:
+            images, captions = with_views(self.images(run, "train"), captions, train["augment"])
+            dataset = CaptionPairs(images, captions)
             collate = CaptionCollator(images, run.processor, train["max_length"])
         seed = recipe["run"]["seed"]
         loss_cfg = train["loss"]
@@ -207,6 +235,7 @@ class CaptioningTask(Task):
             history += train_stage(model, InternalExitsLoss(), epochs=train["stage2_epochs"] or train["epochs"],
                                    lr=train["stage2_lr"] or train["lr"], seed=seed + 1, stage_name="stage2", **stage)
         run.state.pop("images:train:all", None)
+        run.state.pop(f"encoded:train:{len(run.data['train'])}", None)
         # LoRA (model.decoder.lora) into the decoder's weights: evaluation, timing and the saved
         # model/ run plain modules, on every process
         merge_lora(unwrapped.decoder)
@@ -223,9 +252,9 @@ class CaptioningTask(Task):
         recipe, tokenizer = run.recipe, run.processor
         items = run.data["calib"][: recipe["calibration"]["max_images"] or None]
         captions = [[tokenizer.encode(c) for c in item.captions] for item in items]
-        return token_statistics(run.model, self.images(run, "calib", items), captions, tokenizer,
+        return token_statistics(run.model, self.encoded(run, "calib", items), captions, tokenizer,
                                 recipe["calibration"]["labels"], max_length=recipe["train"]["max_length"],
-                                quiet=not run.accelerator.is_local_main_process)
+                                quiet=not run.accelerator.is_local_main_process, encoded=True)
 
     def evaluate(self, run: Run, rules: list[tuple[dict, ExitRule]], calib: ExitStatistics) -> Evaluation:
         from mmexit.evaluation.caption_eval import evaluate_captioning
@@ -249,10 +278,10 @@ class CaptioningTask(Task):
 @torch.inference_mode()
 def token_statistics(model: Captioner, images: torch.Tensor, captions: list[list[list[int]]], tokenizer,
                      labels: str = "full_model", batch_size: int = 64, max_length: int = 24,
-                     quiet: bool = False) -> ExitStatistics:
+                     quiet: bool = False, encoded: bool = False) -> ExitStatistics:
     """Per-exit statistics over all (image, caption) pairs' target tokens, teacher-forced.
 
-    images [N, 3, S, S]; captions: token ids per image. labels: "full_model" (correct = the last
+    images [N, 3, S, S] (``encoded``: the encoder's outputs [N, P, D] instead); captions: token ids per image. labels: "full_model" (correct = the last
     exit's argmax) or "reference" (correct = the reference next token).
     """
     pairs = [(i, ids) for i, per_image in enumerate(captions) for ids in per_image]
@@ -263,7 +292,8 @@ def token_statistics(model: Captioner, images: torch.Tensor, captions: list[list
         chunk = pairs[start:start + batch_size]
         inputs, targets = batch_tensors([p[1] for p in chunk], tokenizer.bos_id, tokenizer.eos_id,
                                         tokenizer.pad_id, max_length)
-        features = model.encode(images[torch.tensor([p[0] for p in chunk])].to(device))
+        rows = images[torch.tensor([p[0] for p in chunk])].to(device)
+        features = model.projection(rows) if encoded else model.encode(rows)
         mask = (targets != -100).to(device)
         flat = model.forward_exits(features, inputs.to(device))[:, mask].float()  # [M, n, V]
         prob, pred = flat.softmax(-1).max(-1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,10 @@ class PooledTokens(nn.Module):
         self.width = encoder.width
 
     def forward(self, images: Tensor) -> Tensor:
-        tokens = self.encoder(images)
+        return self.pool(self.encoder(images))
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """[batch, lead + S*S, width] encoder tokens -> [batch, lead + grid*grid, width]."""
         count = tokens.shape[1]
         for lead in range(0, 9):  # CLS + up to 8 register tokens
             side = math.isqrt(count - lead)
@@ -148,3 +151,19 @@ def build_image_encoder(spec: dict) -> nn.Module:
     if spec.get("freeze"):
         encoder = FrozenEncoder(encoder)
     return PooledTokens(encoder, spec["pool_grid"]) if spec.get("pool_grid") else encoder
+
+
+def frozen_stage(encoder: nn.Module) -> tuple[FrozenEncoder | None, Callable[[Tensor], Tensor]]:
+    """The frozen part of a built image encoder and what follows it: (frozen module, after) with
+    ``encoder(images) == after(frozen(images))``; (None, identity) when nothing is frozen.
+    A frozen module's outputs may be cached (``mmexit.data.feature_cache``); pooling is not part of it,
+    so one cache serves every ``pool_grid``."""
+    if isinstance(encoder, FrozenEncoder):
+        return encoder, _identity
+    if isinstance(encoder, PooledTokens) and isinstance(encoder.encoder, FrozenEncoder):
+        return encoder.encoder, encoder.pool
+    return None, _identity
+
+
+def _identity(tokens: Tensor) -> Tensor:
+    return tokens
