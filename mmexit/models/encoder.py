@@ -9,6 +9,7 @@ every exit for training and simulated sweeps. Checkpoints are ``model.safetensor
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from typing import Optional
@@ -57,8 +58,10 @@ class MultiExitEncoder(nn.Module):
         self.pooling = pooling
         self.head_dropout = head_dropout
         hidden_size = backbone.config.hidden_size
+        final_norm = self.adapter.take_final_norm()  # pre-LN backbones: every exit gets a copy
         self.heads = nn.ModuleList(
-            ExitHead(hidden_size, num_labels, pooling, head_dropout) for _ in self.exit_layers
+            ExitHead(hidden_size, num_labels, pooling, head_dropout, copy.deepcopy(final_norm))
+            for _ in self.exit_layers
         )
         self._init_poolers_from_backbone()
         #: metadata saved with a trained model (task, label names, max_length)
@@ -70,7 +73,7 @@ class MultiExitEncoder(nn.Module):
         """Start every exit's pooler from the backbone's pretrained pooler when it has one, then
         drop the backbone's pooler: it would be a parameter no loss uses (DDP refuses those)."""
         pooler = getattr(self.backbone, "pooler", None)
-        dense = getattr(pooler, "dense", None)
+        dense = pooler if isinstance(pooler, nn.Linear) else getattr(pooler, "dense", None)  # ALBERT: a Linear
         if isinstance(dense, nn.Linear):
             for head in self.heads:
                 head.dense.load_state_dict(dense.state_dict())

