@@ -107,6 +107,10 @@ def run_validated(recipe: dict) -> list[dict]:
     set_seed(recipe["run"]["seed"])
     accelerator = make_accelerator(recipe, output_dir)
     set_cpu_threads(recipe["run"]["num_threads"], accelerator)
+    if "evaluate" in recipe:  # float16 on CPU, int8 on a GPU: refused before anything is written
+        from mmexit.models.precision import check_dtype
+
+        check_dtype(recipe["evaluate"].get("dtype", "float32"), accelerator.device)
     task = task_for(recipe["task"])
     run = Run(recipe, task, output_dir, accelerator)
     run.data = task.load_data(recipe)

@@ -2,8 +2,10 @@
 
 The task (``mmexit.tasks``) supplies data, model, training data and loss, exit statistics and
 evaluation; everything else is here: the order of stages, the one calibration file format
-(``calibration.json``), the chosen operating points (``operating_points.json``, read by
-``mmexit.load``), predictions, rows and the report. Only the main process writes.
+(``calibration.json``), the inference precision (``evaluate.dtype``, applied after training, so
+calibration and evaluation see the deployed model), the chosen operating points
+(``operating_points.json``, read by ``mmexit.load``), predictions, rows and the report. Only the
+main process writes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.errors import RecipeError
 from mmexit.evaluation.results import write_results
+from mmexit.evaluation.rows import with_dtype
 from mmexit.evaluation.timing import machine_info
 from mmexit.exits.base import ExitRule
 from mmexit.files import atomic_write_text
+from mmexit.models.precision import apply_precision
 from mmexit.recipe.language import build_component
 from mmexit.tasks.base import RULE_RESERVED, Run
 
@@ -107,6 +111,10 @@ def run_stages(run: Run) -> list[dict]:
             atomic_write_text(run.write_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     run.model.eval()
     rows: list[dict] = []
+    dtype = run.recipe["evaluate"].get("dtype", "float32")
+    if dtype != "float32" and ("calibrate" in stages or "evaluate" in stages):  # the deployed precision, after training
+        run.task.before_precision(run)
+        run.model = apply_precision(run.model, dtype, run.accelerator.device)
     if "calibrate" in stages or "evaluate" in stages:
         rules = build_rules(run.recipe)
         stats = run.task.statistics(run)
@@ -119,7 +127,7 @@ def run_stages(run: Run) -> list[dict]:
                 atomic_write_text(run.write_dir / CALIBRATION_FILE, (source / CALIBRATION_FILE).read_text())
         if "evaluate" in stages:
             evaluation = run.task.evaluate(run, rules, stats)
-            rows = evaluation.rows
+            rows = with_dtype(evaluation.rows, dtype)
             if main:
                 write_predictions(run, run.recipe["evaluate"].get("split", "test"), evaluation.predictions)
                 save_operating_points(run, rules, evaluation.chosen)

@@ -26,14 +26,15 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict], machine: dict | None = None, title: str = "Results") -> str:
-    """One line per row: method, rule, split, metrics, speed-ups, efficiency, batch, simulated."""
+    """One line per row: method, rule, split, (dtype), metrics, speed-ups, efficiency, batch, simulated."""
     metric_names: list[str] = []
     for row in rows:
         for name in row["metrics"]:
             if name not in metric_names:
                 metric_names.append(name)
     calls = any("call_speedup" in row for row in rows)  # captioning: speed-up in layer calls per step
-    header = ["method", "rule", "split", *metric_names, "layer x", *(["calls x"] if calls else []), "wall x",
+    dtypes = any(row.get("dtype", "float32") != "float32" for row in rows)  # a run at another precision says so
+    header = ["method", "rule", "split", *(["dtype"] if dtypes else []), *metric_names, "layer x", *(["calls x"] if calls else []), "wall x",
               "eff.", "batch", "sim."]
     lines = [f"# {title}", ""]
     if machine:
@@ -50,7 +51,7 @@ def markdown_table(rows: list[dict], machine: dict | None = None, title: str = "
             value = row["metrics"].get(name)
             metric_cells.append(_fmt(100 * value if _is_fraction(name) and value is not None else value))
         cells = [
-            row["method"], row["rule"], row["split"], *metric_cells,
+            row["method"], row["rule"], row["split"], *([row.get("dtype", "float32")] if dtypes else []), *metric_cells,
             _fmt(row["layer_speedup"]), *([_fmt(row.get("call_speedup"))] if calls else []),
             _fmt(row["wall_speedup"]), _fmt(row["efficiency"]),
             _fmt(row["batch_size"]), "yes" if row["simulated"] else "no",
@@ -60,6 +61,10 @@ def markdown_table(rows: list[dict], machine: dict | None = None, title: str = "
             lines.append(f"| ^ warning: {row['warning']} |" + " |" * (len(header) - 1))
     lines.append("")
     lines.append("Fraction metrics (accuracy, F1, MCC, Pearson, Spearman) are shown x100.")
+    if dtypes:
+        lines.append("dtype: the inference precision (evaluate.dtype) of calibration and evaluation; measured rows "
+                     "carry exits_changed (share of rows whose exit differs from the float32 model's at the same "
+                     "point) and float32_point in results.json.")
     if calls:
         lines.append("calls x: layer speed-up counted in layer calls (per decoding step, the layers its deepest row "
                      "ran). When one call costs about the same for 1 or 16 rows (small decoders, memory-bound "

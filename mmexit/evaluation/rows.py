@@ -2,7 +2,9 @@
 
 A row is one (method, operating point, split, batch size) figure. ``results.json`` holds them as
 dicts (``ResultRow.to_dict``); keys a task adds (``time_full_s``, ``call_speedup``,
-``encoder_ms``, ...) live in ``extra`` and are written beside the fixed ones.
+``encoder_ms``, ...) live in ``extra`` and are written beside the fixed ones. Every row of a run
+also carries ``dtype``, the inference precision it was measured at (``with_dtype``; rows written
+before it existed read as float32).
 """
 
 from __future__ import annotations
@@ -87,3 +89,8 @@ def full_model_rows(split: str, metrics: dict[str, float], primary: str, num_lay
     ``count`` samples all leave at layer ``num_layers``."""
     return [ResultRow("full", "full", None, split, metrics, primary, 1.0, {str(num_layers): int(count)}, False,
                       1.0, 1.0, size).to_dict() for size in batch_sizes]
+
+
+def with_dtype(rows: list[dict], dtype: str) -> list[dict]:
+    """The rows, each stamped with the inference precision (``evaluate.dtype``) they were measured at."""
+    return [row | {"dtype": dtype} for row in rows]

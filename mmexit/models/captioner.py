@@ -41,6 +41,7 @@ from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
 from mmexit.models.adapters.llama import LlamaDecoderAdapter, build_llama_decoder
 from mmexit.models.adapters.vision import FrozenEncoder, build_image_encoder
 from mmexit.models.lora import add_lora, check_lora, is_lora_parameter, merge_lora
+from mmexit.models.precision import compute_dtype
 
 EXIT_HEADS = ("shared", "norm", "adapter")
 #: decoder.type -> (builder, adapter class); the adapter is chosen by the model's config.model_type
@@ -137,10 +138,19 @@ class Captioner(nn.Module):
             return "frozen"
         return None
 
+    #: modules whose weights stay float under int8 dynamic quantization (``mmexit.models.precision``): the
+    #: LM head's rows are read directly (``head_ids``), a quantized Linear has no weight tensor
+    float_modules = ("decoder.lm_head",)
+
+    def input_dtype(self) -> torch.dtype:
+        """The dtype images and encoder features are cast to: the projection's (float32 under int8)."""
+        return compute_dtype(self.projection)
+
     def encode(self, images: Tensor) -> Tensor:
         """images [batch, 3, H, W] -> decoder-width image features [batch, patches, width]
-        (GPT-2: cross-attention inputs; LLaMA: the prefix embeddings)."""
-        return self.projection(self.encoder(images))
+        (GPT-2: cross-attention inputs; LLaMA: the prefix embeddings), in the model's precision."""
+        dtype = self.input_dtype()
+        return self.projection(self.encoder(images.to(compute_dtype(self.encoder))).to(dtype))
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token + position embeddings; tokens [...], positions broadcastable -> [..., width]."""
@@ -192,7 +202,7 @@ class Captioner(nn.Module):
         computed earlier (a frozen encoder's features are the same every epoch); input_ids [batch,
         seq]. Returns [num_exits, batch, seq, vocab] (``final_only``: [1, batch, seq, vocab]).
         """
-        features = self.projection(encoded) if encoded is not None else self.encode(images)
+        features = self.projection(encoded.to(self.input_dtype())) if encoded is not None else self.encode(images)
         logits = self.forward_exits(features, input_ids)
         return logits[-1:] if final_only else logits
 

@@ -74,6 +74,10 @@ class Task:
         """Write the trained model and its processor into ``folder``."""
         raise NotImplementedError
 
+    def before_precision(self, run: Run) -> None:
+        """Called once with the float32 model before ``evaluate.dtype`` is applied to it: keep what the
+        evaluation compares against (e.g. float32 exit outputs, to count decisions that change)."""
+
     def statistics(self, run: Run) -> ExitStatistics:
         """Exit statistics on the calibration split (for calibrations and operating-point choice)."""
         raise NotImplementedError

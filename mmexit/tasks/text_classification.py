@@ -25,6 +25,7 @@ from mmexit.evaluation import text_eval
 from mmexit.evaluation.operating_point import Candidate, choose_operating_point
 from mmexit.evaluation.rows import full_model_rows
 from mmexit.exits.base import ExitRule
+from mmexit.inference.exit_loop import simulate_exits
 from mmexit.models.encoder import CONFIG_NAME, MultiExitEncoder
 from mmexit.models.loading import load_backbone, load_tokenizer, truncate_backbone
 from mmexit.recipe.language import build_component
@@ -118,6 +119,14 @@ class TextClassificationTask(Task):
                 f"all exits ({split})")
         return run.state[key]
 
+    def before_precision(self, run: Run) -> None:
+        """Every exit's float32 outputs on the calibration and evaluation splits, kept to count the exit
+        decisions ``evaluate.dtype`` changes and the point a float32 calibration would choose."""
+        splits = {run.recipe["calibration"]["split"], run.recipe["evaluate"]["split"]}
+        run.state["float32"] = {split: text_eval.collect_exit_outputs(
+            run.model, self.split_batches(run, split, run.recipe["evaluate"]["batch_size"]), run.accelerator,
+            f"float32 exits ({split})") for split in splits}
+
     def statistics(self, run: Run) -> ExitStatistics:
         outputs = self._outputs(run, run.recipe["calibration"]["split"])
         return ExitStatistics(outputs.labels, list(run.model.exit_layers), outputs.logits.shape[-1], outputs.logits)
@@ -161,7 +170,7 @@ class TextClassificationTask(Task):
             measured, logits, exit_index = text_eval.measured_rows(
                 model, point, method, split, eval_batches, timing_batches, outputs.labels, data.metrics,
                 data.primary_metric, evaluate["timing_repeats"], choice.as_extra(run.recipe["calibration"]["split"]))
-            rows += measured
+            rows += precision_effect(run, point, thresholds, measured, exit_index, logits)
             predictions = _predictions(logits)
             for line, prediction, exit_at in zip(lines, predictions, exit_index.tolist()):
                 line[point.describe()] = {"prediction": prediction, "exit_layer": exit_layers[exit_at]}
@@ -199,6 +208,34 @@ def loss_label(recipe: dict) -> str:
         return "two_stage"
     spec = recipe["train"]["loss"]
     return spec.get("name") or spec["_target_"].rsplit(".", 1)[-1]
+
+
+def precision_effect(run: Run, point: ExitRule, thresholds: list, rows: list[dict], exit_index: torch.Tensor,
+                     logits: torch.Tensor) -> list[dict]:
+    """``rows`` with what ``evaluate.dtype`` changed against float32 (when it is not float32), on the
+    evaluation split: ``exits_changed``, the share of rows whose exit differs from the float32 model's
+    at the same operating point (its exits decided on the float32 outputs); ``predictions_changed``,
+    the share whose prediction differs; ``float32_point``, the point a float32 calibration chooses.
+
+    exit_index [N] and logits [N, C]: the deployed model's real early-exit path."""
+    reference = run.state.get("float32")
+    if not reference:
+        return rows
+    data, evaluate = run.data, run.recipe["evaluate"]
+    test, calib = reference[evaluate["split"]], reference[run.recipe["calibration"]["split"]]
+    exits = simulate_exits(point, test.logits, test.pooled if point.needs_hidden else None)
+    chosen = test.logits[exits, torch.arange(exits.numel())]  # [N, C]
+    changed = [a != b for a, b in zip(_predictions(chosen), _predictions(logits))]
+    candidates = []
+    for threshold in thresholds:
+        metrics, speedup, _ = text_eval.simulated_point(point.with_threshold(threshold), calib,
+                                                        list(run.model.exit_layers), data.metrics)
+        candidates.append(Candidate(threshold, metrics[data.primary_metric], speedup))
+    full = text_eval.score(data.metrics, calib.logits[-1], calib.labels)[data.primary_metric]
+    extra = {"exits_changed": float((exits != exit_index.cpu()).float().mean()),
+             "predictions_changed": sum(changed) / max(len(changed), 1),
+             "float32_point": choose_operating_point(candidates, full, evaluate["tolerance"]).point}
+    return [row | extra for row in rows]
 
 
 def save_exit_outputs(run: Run, calib: text_eval.SplitOutputs, test: text_eval.SplitOutputs) -> None:

