@@ -4,6 +4,8 @@ Writes one JSON line per input (stdout, or ``--output`` atomically). Text inputs
 repeat; ``--text-pair`` for pair tasks), a JSONL file of ``{"text": ..., "text_pair": ...}`` rows,
 a TSV with a header naming ``text`` (and ``text_pair``) columns, or a plain text file of one text
 per line. Image inputs: ``--image`` (may repeat) or a folder of images (``.jpg``, ``.jpeg``, ``.png``).
+``--dtype`` (float32, bfloat16, float16 on a GPU, int8 on CPU) is the precision the model runs at;
+default: the run's ``evaluate.dtype``, the precision its rules were calibrated at.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9, pcee@0.85 or full (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (GPU) or int8 (CPU) (default: the run's "
+                                        "evaluate.dtype, the precision its rules were calibrated at)")
     args = parser.parse_args(argv)
     try:
         from mmexit.serve.load import load
 
-        predictor = load(args.run_dir, rule=args.rule, device=args.device)
+        predictor = load(args.run_dir, rule=args.rule, device=args.device, dtype=args.dtype)
         if predictor.task == "captioning":
             images = [Path(p) for p in args.image] + (image_inputs(Path(args.input)) if args.input else [])
             if not images:

@@ -65,10 +65,10 @@ class Predictor:
         gc.collect()
 
     def describe(self) -> dict:
-        """What is loaded: task, operating point, exits, device."""
+        """What is loaded: task, operating point, exits, device, precision."""
         return {"run_dir": str(self.run_dir), "task": self.task, "operating_point": self.operating_point,
                 "exit_layers": list(self.model.exit_layers), "num_layers": int(self.model.num_layers),
-                "device": self.device}
+                "device": self.device, "dtype": getattr(self.model, "mmexit_dtype", "float32")}
 
 
 def read_run(run_dir: Union[str, Path]) -> tuple[Path, dict]:
