@@ -17,7 +17,14 @@ from mmexit.models.loading import tiny_backbone
 
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
 DEPTHS = {"bert-base-uncased": 12, "bert-large-uncased": 24, "roberta-base": 12, "pypi:minilm-l6": 6,
-          "pypi:mpnet-base": 12}
+          "pypi:mpnet-base": 12, "albert-base-v2": 12, "microsoft/deberta-v3-base": 12,
+          "distilbert-base-uncased": 6, "answerdotai/ModernBERT-base": 22}
+#: backbone name -> the tiny family standing in for it (first match; BERT otherwise)
+FAMILIES = ("mpnet", "roberta", "albert", "deberta", "distilbert", "modernbert")
+
+
+def tiny_family(backbone: str) -> str:
+    return next((family for family in FAMILIES if family in backbone.lower()), "bert")
 
 
 def _overrides(recipe_path: Path) -> list[str]:
@@ -41,7 +48,7 @@ def test_recipe_validates_and_builds(recipe_path):
         return  # captioning recipes are built by tests/captioning
     backbone = recipe["model"]["backbone"]
     layers = recipe["model"]["num_layers"] or DEPTHS.get(backbone, 12)
-    family = "mpnet" if "mpnet" in backbone else "roberta" if "roberta" in backbone else "bert"
+    family = tiny_family(backbone)
     torch.manual_seed(0)
     model = MultiExitEncoder(tiny_backbone(f"tiny:{family}-{layers}"), 2, recipe["model"]["exits"],
                              recipe["model"]["pooling"])
