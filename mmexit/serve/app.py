@@ -1,7 +1,10 @@
 """The FastAPI app of ``mmexit serve``: health, classify, caption, metrics; one-line JSON errors.
 
-- ``GET /health``: 200 with the task, operating point, engine and queue depth once loaded
-  (503 when the engine thread is not running);
+- ``GET /livez``: 200 while the process answers (a Kubernetes liveness probe);
+- ``GET /readyz``: 200 when every engine is ready, else 503 with the state (starting, restarting
+  after a worker died, draining, stopped, failed): a readiness probe;
+- ``GET /health``: 200 with the task, operating point, engine, state and queue depth once loaded
+  (503 when an engine is not running);
 - ``POST /v1/classify[?engine=continuous|batch|full]``:
   ``{"texts": [TEXT | [TEXT, PAIR] | {"text": .., "text_pair": ..}, ...]}``
   -> ``{"results": [{"label", "label_index", "probabilities", "exit_layer"}], "operating_point"}``;
@@ -84,6 +87,7 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
     metrics = metrics or ServeMetrics()
     for name, engine in service.engines.items():
         metrics.attach(name, engine)
+    metrics.attach_service(service)
     limits = service.limits
 
     @asynccontextmanager
@@ -104,7 +108,7 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: f"not found: {request.url.path} (endpoints: GET /health, GET /metrics, "
+        messages = {404: f"not found: {request.url.path} (endpoints: GET /livez, GET /readyz, GET /health, GET /metrics, "
                          "POST /v1/classify, POST /v1/caption)",
                     405: f"method {request.method} not allowed on {request.url.path}"}
         return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
@@ -117,6 +121,15 @@ def create_app(service: Service, metrics: Optional[ServeMetrics] = None, manage_
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         LOG.exception("request failed")
         return error(500, f"internal error: {exc.__class__.__name__}: {exc}")
+
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        state = service.state()
+        return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
     @app.get("/health")
     async def health() -> JSONResponse:

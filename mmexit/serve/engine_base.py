@@ -165,6 +165,16 @@ class BaseEngine:
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
+    @property
+    def phase(self) -> str:
+        """ready, starting (no model thread yet), draining (answering accepted requests, refusing new
+        ones) or stopped; an engine in a worker process may also be restarting or failed."""
+        if self.thread is None and not self.stopping:
+            return "starting"
+        if not self.alive or self.stopping:
+            return "stopped"
+        return "ready" if self.accepting else "draining"
+
     def describe(self) -> dict:
         return {"engine": self.kind, "max_batch": self.max_batch, "max_queue": self.max_queue,
                 "max_queue_wait_s": self.max_queue_wait,

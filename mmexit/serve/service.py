@@ -113,9 +113,16 @@ class Service:
         """Stop every engine (draining them one after the other); True when all stopped."""
         return all([engine.stop(drain=drain, timeout=timeout) for engine in self.engines.values()])
 
+    def state(self) -> str:
+        """ready when every engine is; else the first engine's other state (starting, restarting,
+        draining, stopped, failed): what ``/readyz`` reports."""
+        states = [engine.phase for engine in self.engines.values()]
+        return next((state for state in states if state != "ready"), "ready")
+
     def health(self) -> dict:
         engine = self.engine
-        return {"status": "ok" if all(e.alive for e in self.engines.values()) else "stopped",
+        state = self.state()
+        return {"status": "ok" if all(e.alive for e in self.engines.values()) else state, "state": state,
                 "task": self.predictor.task, "operating_point": self.predictor.operating_point,
                 **engine.describe(), "engines": list(self.engines), "queue_depth": engine.depth,
                 "run_dir": str(self.predictor.run_dir), "pid": os.getpid(),
