@@ -209,3 +209,15 @@ def test_deberta_shares_relative_tables_and_drops_mask_rows():
     kept = subset_context(context, torch.tensor([True, False, True, False, False, True]))
     assert kept["mask"].shape[0] == 3 and kept["input_mask"].shape[0] == 3
     assert kept["shared_rel_embeddings"] is context["shared_rel_embeddings"]
+
+
+def test_unsupported_backbones_fail_with_one_clear_line():
+    from mmexit.errors import ModelLoadError
+
+    gpt2 = hf.GPT2Model(hf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100))
+    with pytest.raises(ModelLoadError, match="model type 'gpt2' has no mmexit adapter; supported: .*deberta-v2.*modernbert"):
+        MultiExitEncoder(gpt2, 2)
+    with pytest.raises(ModelLoadError, match="several layer groups"):
+        truncate_backbone(family_backbone("albert-groups"), 2)
+    with pytest.raises(ModelLoadError, match="not between 1 and the backbone's 4 layers"):
+        truncate_backbone(family_backbone("modernbert"), 5)
