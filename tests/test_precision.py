@@ -117,6 +117,8 @@ def test_tiny_run_at_bfloat16_then_predict_with_dtype(tmp_path, capsys):
                                               "on CPU use bfloat16 or int8")
     assert main(["predict", str(out), "--text", "x", "--dtype", "half"]) == 2
     assert "allowed: float32, bfloat16, float16, int8" in _error(capsys.readouterr().err)
+    assert main(["serve", str(out), "--port", "0", "--dtype", "float16"]) == 2  # refused before listening
+    assert _error(capsys.readouterr().err).startswith("mmexit: error: dtype: float16 needs a GPU")
 
 
 def test_run_with_float16_on_cpu_stops_before_writing(tmp_path, capsys):
