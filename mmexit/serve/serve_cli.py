@@ -57,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--engine-process", action="store_true",
                         help="run the model in a worker process of its own, so the HTTP process keeps accepting and "
                              "refusing (503) requests under overload; the worker loads the run a second time")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="--engine-process: a dead worker is replaced (its requests get 503) up to this many "
+                             "times a minute; past it the server exits 1 (default 5; 0: exit at the first death)")
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_connections", "max_texts", "max_chars"):
@@ -66,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [name for name in args.engines if name not in ENGINES]
     if unknown:
         parser.error(f"--engines: unknown {unknown[0]!r}; allowed: {', '.join(ENGINES)}")
+    if args.max_restarts < 0:
+        parser.error("--max-restarts must be >= 0")
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
     if not 0 <= args.port <= 65535:
@@ -103,7 +108,7 @@ def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits)
                  engines=args.engines, group_lengths=args.group_lengths)
     kinds = {name: engine.kind for name, engine in service.engines.items()}
     service.engines = process_engines(str(service.predictor.run_dir), args.rule, args.device, args.threads, build,
-                                      kinds, args.max_batch, args.max_queue, limits.queue_wait)
+                                      kinds, args.max_batch, args.max_queue, limits.queue_wait, args.max_restarts)
     service.predictor.release_weights()
 
 
@@ -137,12 +142,16 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
     import uvicorn
 
     from mmexit.serve.app import create_app
+    from mmexit.serve.engine_process import engine_hosts
 
     app = create_app(service)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(args.timeout) + 10, timeout_keep_alive=30,
                             limit_concurrency=args.max_connections)
     server = uvicorn.Server(config)
+    hosts = engine_hosts(service.engines.values())
+    for supervised in hosts:  # a worker that keeps dying: stop serving, exit 1, let the supervisor above take over
+        supervised.on_give_up = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]
     health = service.health()
     engines = "/".join(f"[{name}]" if name == service.default else name for name in service.engines)
@@ -158,6 +167,10 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
         sock.close()
     if not server.started:
         print("mmexit: error: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    if any(host.gave_up for host in hosts):
+        print(f"mmexit: error: the engine process died more than {args.max_restarts} times in a minute; "
+              "stopped serving", file=sys.stderr, flush=True)
         return 1
     print("mmexit: server stopped (requests in flight answered)", file=sys.stderr, flush=True)
     return 0
