@@ -24,7 +24,7 @@ Shell (an application builder; every ``key=value`` is an argument of ``mmexit_ap
 
 ``ray_actor_options`` (default ``{"num_cpus": 1}``) reserves resources per replica; on a GPU node
 pass ``{"num_gpus": 1}`` and ``device="cuda"``. Python callers can also use the deployment handle:
-``await handle.classify.remote(["a text", ...])``. Needs ``pip install "ray[serve]"``.
+``await handle.classify.remote(["a text", ...])``. Needs ``pip install -e ".[ray]"`` (``ray[serve]``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ class MMExitReplica:
 
     def health(self) -> dict:
         return self.service.health()
+
+    def check_health(self) -> None:
+        """Ray's replica health check (every ``health_check_period_s``): raising makes Ray replace the
+        replica, e.g. when its engine thread died."""
+        state = self.service.state()
+        if state not in ("ready", "draining"):
+            raise RuntimeError(f"the engine is {state}")
 
 
 def mmexit_app(run_dir: str, *, rule: Optional[str] = None, engine: str = "continuous", max_batch: int = 32,
