@@ -57,7 +57,7 @@ def decode(model, features: torch.Tensor, rule: Optional[ExitRule], evaluate: di
 @torch.inference_mode()
 def project(model, encoded: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Encoder outputs [N, P, D] -> decoder-width image features [N, P, width] in batches."""
-    return torch.cat([model.projection(encoded[i:i + batch_size]) for i in range(0, encoded.shape[0], batch_size)])
+    return torch.cat([model.project(encoded[i:i + batch_size]) for i in range(0, encoded.shape[0], batch_size)])
 
 
 @torch.inference_mode()

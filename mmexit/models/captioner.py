@@ -146,11 +146,15 @@ class Captioner(nn.Module):
         """The dtype images and encoder features are cast to: the projection's (float32 under int8)."""
         return compute_dtype(self.projection)
 
+    def project(self, encoded: Tensor) -> Tensor:
+        """Encoder outputs [batch, patches, encoder width] (e.g. cached, float32) -> image features
+        [batch, patches, width] in the model's precision."""
+        return self.projection(encoded.to(self.input_dtype()))
+
     def encode(self, images: Tensor) -> Tensor:
         """images [batch, 3, H, W] -> decoder-width image features [batch, patches, width]
         (GPT-2: cross-attention inputs; LLaMA: the prefix embeddings), in the model's precision."""
-        dtype = self.input_dtype()
-        return self.projection(self.encoder(images.to(compute_dtype(self.encoder))).to(dtype))
+        return self.project(self.encoder(images.to(compute_dtype(self.encoder))))
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token + position embeddings; tokens [...], positions broadcastable -> [..., width]."""
@@ -202,7 +206,7 @@ class Captioner(nn.Module):
         computed earlier (a frozen encoder's features are the same every epoch); input_ids [batch,
         seq]. Returns [num_exits, batch, seq, vocab] (``final_only``: [1, batch, seq, vocab]).
         """
-        features = self.projection(encoded.to(self.input_dtype())) if encoded is not None else self.encode(images)
+        features = self.project(encoded) if encoded is not None else self.encode(images)
         logits = self.forward_exits(features, input_ids)
         return logits[-1:] if final_only else logits
 

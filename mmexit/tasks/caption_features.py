@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mmexit.data.coco import read_image
 from mmexit.data.feature_cache import FeatureCache
 from mmexit.models.adapters.vision import frozen_stage
+from mmexit.models.precision import compute_dtype
 
 
 def encoder_outputs(encoder: nn.Module, paths: Sequence[Path], norm: dict, cache_dir: Optional[str | Path],
@@ -29,7 +30,7 @@ def encoder_outputs(encoder: nn.Module, paths: Sequence[Path], norm: dict, cache
     def compute(chunk: list[Path], module: nn.Module) -> Tensor:
         images = torch.stack([read_image(path, norm["image_size"], norm["mean"], norm["std"]) for path in chunk])
         with torch.inference_mode():
-            return module(images.to(device)).float().cpu()
+            return module(images.to(device, compute_dtype(module))).float().cpu()  # evaluate.dtype: bf16 weights
 
     if frozen is None or cache_dir is None:
         return torch.cat([compute(list(paths[i:i + batch_size]), encoder) for i in range(0, len(paths), batch_size)])
@@ -37,4 +38,5 @@ def encoder_outputs(encoder: nn.Module, paths: Sequence[Path], norm: dict, cache
     cache = FeatureCache(cache_dir, frozen, preprocessing)
     tokens = cache.features(list(paths), lambda chunk: compute(chunk, frozen), batch_size, progress)
     with torch.inference_mode():
-        return torch.cat([after(tokens[i:i + 256]) for i in range(0, tokens.shape[0], 256)])
+        dtype = compute_dtype(after)
+        return torch.cat([after(tokens[i:i + 256].to(dtype)) for i in range(0, tokens.shape[0], 256)])

@@ -293,7 +293,7 @@ def token_statistics(model: Captioner, images: torch.Tensor, captions: list[list
         inputs, targets = batch_tensors([p[1] for p in chunk], tokenizer.bos_id, tokenizer.eos_id,
                                         tokenizer.pad_id, max_length)
         rows = images[torch.tensor([p[0] for p in chunk])].to(device)
-        features = model.projection(rows) if encoded else model.encode(rows)
+        features = model.project(rows) if encoded else model.encode(rows)
         mask = (targets != -100).to(device)
         flat = model.forward_exits(features, inputs.to(device))[:, mask].float()  # [M, n, V]
         prob, pred = flat.softmax(-1).max(-1)

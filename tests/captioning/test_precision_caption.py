@@ -68,3 +68,28 @@ def test_early_exit_decoding_runs_and_exits(low):
     _, model, features = low
     result = greedy_decode(model, features, MaxProbRule(0.3), MAX_LEN, BOS, EOS, policy="deferred")
     assert int(result.layers.min()) < model.num_layers
+
+
+def test_caption_run_at_bfloat16_end_to_end(tmp_path):
+    """A reduced caption quickstart with evaluate.dtype=bfloat16: calibration and evaluation at bf16,
+    rows say so, and mmexit.load(run) captions at the run's dtype like the run's own predictions."""
+    import json
+
+    import mmexit
+    from mmexit.recipe.loading import load_recipe
+    from mmexit.recipe.tasks import validate_recipe
+    from mmexit.runner import run_validated
+    from test_pipeline import QUICKSTART, TINY
+
+    out = tmp_path / "out"
+    recipe = validate_recipe(load_recipe(QUICKSTART, [*TINY, f"data.root={tmp_path / 'scenes'}",
+                                                      f"run.output_dir={out}", "evaluate.dtype=bfloat16"]))
+    rows = run_validated(recipe)
+    assert rows and {row["dtype"] for row in rows} == {"bfloat16"}
+    lines = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    key = json.loads((out / "operating_points.json").read_text())["default"]
+    predictor = mmexit.load(out, device="cpu")
+    assert predictor.describe()["dtype"] == "bfloat16"
+    images = [out.parent / "scenes" / "images" / "test" / line["image"] for line in lines]
+    results = predictor.caption(images, batch_size=recipe["evaluate"]["batch_size"])
+    assert [r["caption"] for r in results] == [line[key]["caption"] for line in lines]
