@@ -112,7 +112,10 @@ class CaptionScorer:
         if extra:
             raise DataError(f"predicted caption for image id {extra[0]}, which has no reference captions")
         res = tokenize({k: [{"caption": predictions[k]}] for k in self.references}, self.use_java)
-        return score_tokenized(self.gts, res, tuple(metrics or self.metrics), self.use_java)
+        scores = score_tokenized(self.gts, res, tuple(metrics or self.metrics), self.use_java)
+        # a near-constant captioner can score a fair BLEU: how many different captions it wrote
+        scores["distinct_captions"] = len({predictions[k].strip().lower() for k in self.references})
+        return scores
 
 
 def write_results_file(predictions: dict[int, str], path: str | Path) -> Path:

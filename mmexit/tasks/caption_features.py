@@ -38,5 +38,5 @@ def encoder_outputs(encoder: nn.Module, paths: Sequence[Path], norm: dict, cache
     cache = FeatureCache(cache_dir, frozen, preprocessing)
     tokens = cache.features(list(paths), lambda chunk: compute(chunk, frozen), batch_size, progress)
     with torch.inference_mode():
-        dtype = compute_dtype(after)
+        dtype = compute_dtype(encoder)
         return torch.cat([after(tokens[i:i + 256].to(dtype)) for i in range(0, tokens.shape[0], 256)])

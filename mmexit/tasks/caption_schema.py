@@ -201,6 +201,8 @@ CAPTIONING_SCHEMA = {
             "exit_weights": Field((str, list), default="depth", doc="depth (w_i = layer), uniform, or a list"),
             "kl_weight": Field((float,), default=0.0, doc="weight of KL(final || exit) (self-distillation)"),
             "kl_temperature": Field((float,), default=1.0, check=positive),
+            "label_smoothing": Field((float,), default=0.0, check=fraction_or_zero,
+                                     doc="smooth every exit's cross-entropy targets (e.g. 0.1); joint schedule"),
         },
         "augment": Field((dict,), nullable=True, default=None, schema=AUGMENT_SCHEMA,
                          doc="extra training views of every image: {views: 4, flip: true, min_crop: 0.7, seed: 0}"),

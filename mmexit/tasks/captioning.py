@@ -223,7 +223,7 @@ class CaptioningTask(Task):
         stage = dict(dataset=dataset, collate=collate, accelerator=run.accelerator, train=train,
                      checkpointing=run.checkpointing)
         if train["schedule"] == "joint":
-            loss = JointLoss(weights, loss_cfg["kl_weight"], loss_cfg["kl_temperature"])
+            loss = JointLoss(weights, loss_cfg["kl_weight"], loss_cfg["kl_temperature"], loss_cfg["label_smoothing"])
             history = train_stage(model, loss, epochs=train["epochs"], lr=train["lr"], seed=seed,
                                   stage_name="train (joint)", **stage)
         else:

@@ -43,8 +43,9 @@ def flatten_tokens(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits[:, mask], labels[mask]
 
 
-def per_sample_task_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy (classification) or squared error (regression, one output), per sample.
+def per_sample_task_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy (classification; optionally label-smoothed) or squared error (regression, one
+    output), per sample.
 
     logits: [..., batch, labels]; labels: [batch]. Returns [..., batch].
     """
@@ -52,7 +53,8 @@ def per_sample_task_loss(logits: Tensor, labels: Tensor) -> Tensor:
         return (logits[..., 0].float() - labels.float()) ** 2
     flat = logits.reshape(-1, logits.shape[-1]).float()
     repeated = labels.expand(*logits.shape[:-1]).reshape(-1)
-    return F.cross_entropy(flat, repeated, reduction="none").reshape(logits.shape[:-1])
+    return F.cross_entropy(flat, repeated, reduction="none",
+                           label_smoothing=label_smoothing).reshape(logits.shape[:-1])
 
 
 def depth_weights(num_exits: int, device: torch.device, scheme: str = "depth") -> Tensor:

@@ -16,9 +16,11 @@ class JointLoss(ExitLoss):
 
     distill_weight > 0 adds  distill_weight * mean_i<M KL(p_final || p_i)  at ``temperature``
     (BEEM's optional KL-to-final term; the final exit's distribution is detached).
+    label_smoothing > 0 smooths every exit's cross-entropy targets (captioning's usual 0.1).
     """
 
-    def __init__(self, weights: str | list = "depth", distill_weight: float = 0.0, temperature: float = 1.0) -> None:
+    def __init__(self, weights: str | list = "depth", distill_weight: float = 0.0, temperature: float = 1.0,
+                 label_smoothing: float = 0.0) -> None:
         if not isinstance(weights, (list, tuple)) and weights not in ("depth", "uniform"):
             from mmexit.errors import RecipeError
 
@@ -26,10 +28,11 @@ class JointLoss(ExitLoss):
         self.weights = weights
         self.distill_weight = float(distill_weight)
         self.temperature = float(temperature)
+        self.label_smoothing = float(label_smoothing)
 
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
         logits, labels = flatten_tokens(model(**model_inputs(batch)), batch["labels"])  # [exits, N, C], [N]
-        per_exit = per_sample_task_loss(logits, labels).mean(-1)  # [exits]
+        per_exit = per_sample_task_loss(logits, labels, self.label_smoothing).mean(-1)  # [exits]
         weights = self._weights(logits.shape[0], logits.device)
         loss = (weights * per_exit).sum()
         logs = {"loss_task": float(loss.detach()), "loss_last_exit": float(per_exit[-1].detach())}

@@ -1,0 +1,61 @@
+"""The Flickr8k recipe end to end on a slice of the real photos: frozen DINOv2-S (cached features),
+a small decoder, calibration on dev, every rule, test metrics; a second run reads the cache only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmexit.data.feature_cache import FeatureCache
+from mmexit.recipe import load_recipe, validate_recipe
+from mmexit.runner import run_validated
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "flickr8k" / "dinov2-s_gpt2-6l.yaml"
+FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+SLICE = [
+    f"data.flickr.root={FLICKR8K}", "data.max_train_images=48", "data.max_calib_images=12",
+    "data.max_test_images=12", "model.decoder.config.n_layer=2", "model.decoder.config.n_embd=64",
+    "model.decoder.config.n_head=2", "tokenizer.min_frequency=1", "train.epochs=2", "train.batch_size=32",
+    "evaluate.max_len=12", "evaluate.metrics=[Bleu_4, METEOR, CIDEr]", "evaluate.timing_batch_sizes=[4, 1]",
+    "evaluate.timing_repeats=1", "evaluate.timing_images=8", "evaluate.examples=2",
+    "evaluate.rules=[{name: maxprob, sweep: [0.3, 0.9]}, {name: beem, calibration: {name: beem}, sweep: [0.0]}, "
+    "{name: pcee, calibration: {name: pcee}, sweep: [0.9]}, {name: saturation, sweep: [0.9]}]",
+]
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not FLICKR8K.is_dir(), reason="../shared/data/flickr8k is absent (research data)")]
+
+
+def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch):
+    pytest.importorskip("onnx", reason="converting pypi:dinov2-small needs onnx (in the dev extra)")
+    cache = tmp_path / "cache"
+    recipe = validate_recipe(load_recipe(RECIPE, [*SLICE, f"data.cache_dir={cache}",
+                                                  f"run.output_dir={tmp_path / 'out'}"]))
+    rows = run_validated(recipe)
+    out = tmp_path / "out"
+    for name in ("results.json", "results.md", "speed_accuracy.png", "calibration.json", "model/tokenizer.json",
+                 "predictions/full_test.json", "examples.md"):
+        assert (out / name).is_file(), name
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert {r["method"] for r in test_rows} >= {"full", "maxprob", "beem", "pcee", "saturation"}
+    assert all({"Bleu_4", "METEOR", "CIDEr"} <= set(r["metrics"]) for r in test_rows)
+    assert all(r["metrics"]["distinct_captions"] >= 1 for r in test_rows)
+    entries = list((cache / "features").rglob("*.pt"))
+    assert len(entries) == 48 + 12 + 12  # every photo of the slice encoded once, unpooled
+
+    # a later run (another decoder) reads every feature from the cache: the encoder is never called
+    def refuse(self, paths, compute, batch_size=32, progress=True):
+        return original(self, paths, lambda chunk: pytest.fail(f"{len(chunk)} photos encoded again"),
+                        batch_size, progress)
+
+    original = FeatureCache.features
+    monkeypatch.setattr(FeatureCache, "features", refuse)
+    again = validate_recipe(load_recipe(RECIPE, [*SLICE, f"data.cache_dir={cache}", "model.decoder.config.n_layer=1",
+                                                 "evaluate.rules=[{name: maxprob, sweep: [0.5]}]",
+                                                 f"run.output_dir={tmp_path / 'out2'}"]))
+    assert run_validated(again)
+    predictions = json.loads((tmp_path / "out2" / "predictions" / "full_test.json").read_text())
+    assert len(predictions) == 12
