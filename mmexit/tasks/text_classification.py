@@ -215,7 +215,8 @@ def precision_effect(run: Run, point: ExitRule, thresholds: list, rows: list[dic
     """``rows`` with what ``evaluate.dtype`` changed against float32 (when it is not float32), on the
     evaluation split: ``exits_changed``, the share of rows whose exit differs from the float32 model's
     at the same operating point (its exits decided on the float32 outputs); ``predictions_changed``,
-    the share whose prediction differs; ``float32_point``, the point a float32 calibration chooses.
+    the share whose prediction differs; ``float32_point``, the point the operating-point choice picks
+    on the float32 outputs (with the rule's calibration as fitted at this run's dtype).
 
     exit_index [N] and logits [N, C]: the deployed model's real early-exit path."""
     reference = run.state.get("float32")
