@@ -3,7 +3,8 @@
 Writes one JSON line per input (stdout, or ``--output`` atomically). Text inputs: ``--text`` (may
 repeat; ``--text-pair`` for pair tasks), a JSONL file of ``{"text": ..., "text_pair": ...}`` rows,
 a TSV with a header naming ``text`` (and ``text_pair``) columns, or a plain text file of one text
-per line. Image inputs: ``--image`` (may repeat) or a folder of images (``.jpg``, ``.jpeg``, ``.png``).
+per line. Image inputs: ``--image`` (may repeat) or a folder of images (``.jpg``, ``.jpeg``, ``.png``);
+``--plot FILE`` also draws them with the full model's and the rule's captions, words coloured by exit layer.
 ``--dtype`` (float32, bfloat16, float16 on a GPU, int8 on CPU) is the precision the model runs at;
 default: the run's ``evaluate.dtype``, the precision its rules were calibrated at.
 """
@@ -63,6 +64,23 @@ def image_inputs(path: Path) -> list[Path]:
     raise DataError(f"--input: no such file or folder: {path}")
 
 
+def plot_predictions(args, predictor, images: list[Path], results: list[dict]) -> None:
+    """``--plot FILE``: the photos with the full model's captions and the run's rule's (when it is not
+    the full model), every word coloured by its exit layer."""
+    from mmexit.evaluation.caption_plot import plot_token_layers, token_words
+    from mmexit.serve.load import load
+
+    tokenizer = predictor.processor
+    panels = [{} for _ in images]
+    if predictor.operating_point != "full":
+        full = load(args.run_dir, rule="full", device=args.device, dtype=args.dtype)
+        for panel, result in zip(panels, full.caption(images, batch_size=args.batch_size)):
+            panel["full"] = token_words(result["tokens"], result["layers"], tokenizer)
+    for panel, result in zip(panels, results):
+        panel[predictor.operating_point] = token_words(result["tokens"], result["layers"], tokenizer)
+    plot_token_layers(images, panels, predictor.model.num_layers, args.plot)
+
+
 def predict_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmexit predict", description="Run a trained mmexit run on new inputs.")
     parser.add_argument("run_dir", help="a trained run's output folder")
@@ -74,6 +92,8 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9, pcee@0.85 or full (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--plot", help="captioning: write a PNG of the photos with the full model's and the rule's "
+                                       "captions, each word coloured by the decoder layer it left at")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (GPU) or int8 (CPU) (default: the run's "
                                         "evaluate.dtype, the precision its rules were calibrated at)")
     args = parser.parse_args(argv)
@@ -87,6 +107,8 @@ def predict_main(argv: list[str]) -> int:
                 raise DataError("give --image PATH or --input IMAGE_FOLDER")
             results = [{"image": str(path), **result} for path, result in
                        zip(images, predictor.caption(images, batch_size=args.batch_size))]
+            if args.plot:
+                plot_predictions(args, predictor, images, results)
         else:
             if args.text_pair and len(args.text_pair) != len(args.text):
                 raise DataError("--text-pair: give one per --text")
@@ -96,6 +118,8 @@ def predict_main(argv: list[str]) -> int:
                 texts += read_text_inputs(Path(args.input))
             if not texts:
                 raise DataError("give --text TEXT or --input FILE")
+            if args.plot:
+                raise DataError("--plot: only for captioning runs (words coloured by exit layer)")
             results = predictor.predict(texts, batch_size=args.batch_size)
             results = [{"text": t if isinstance(t, str) else t["text"], **r} for t, r in zip(texts, results)]
     except MMExitError as error:

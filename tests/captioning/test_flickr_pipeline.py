@@ -43,6 +43,15 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch):
     assert {r["method"] for r in test_rows} >= {"full", "maxprob", "beem", "pcee", "saturation"}
     assert all({"Bleu_4", "METEOR", "CIDEr"} <= set(r["metrics"]) for r in test_rows)
     assert all(r["metrics"]["distinct_captions"] >= 1 for r in test_rows)
+    # mmexit predict --plot: the photos with the full model's and the rule's captions, coloured by exit layer
+    from mmexit.runner import main
+
+    photos = [str(FLICKR8K / "Flicker8k_Dataset" / json.loads(line)["image"])
+              for line in (out / "predictions_test.jsonl").read_text().splitlines()[:3]]
+    picture = tmp_path / "picture.png"
+    args = ["predict", str(out), "--rule", "maxprob@0.3", "--output", str(tmp_path / "p.jsonl"), "--plot", str(picture)]
+    assert main(args + [arg for photo in photos for arg in ("--image", photo)]) == 0
+    assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
     entries = list((cache / "features").rglob("*.pt"))
     assert len(entries) == 48 + 12 + 12  # every photo of the slice encoded once, unpooled
 
