@@ -146,6 +146,7 @@ class EngineProcess:
     # ------------------------------------------------------------------ supervision
     def _ended(self, worker: Worker) -> None:
         """A worker's pipe closed: fail what it held; restart it when it died while serving."""
+        died = time.monotonic()
         with self.lock:
             if worker is not self.worker:  # a worker that never became ready (``_launch`` reports it)
                 return
@@ -153,17 +154,15 @@ class EngineProcess:
             waiting, self.requests = list(self.requests.values()), {}
             restart = self.state == "ready" and not self.closing.is_set()
             self.state = "restarting" if restart else ("stopped" if self.closing.is_set() else "failed")
-        worker.process.join(2.0)  # its pipe closed: it exited or is about to
-        code = worker.process.exitcode
-        if restart:
-            LOG.error("the engine process died (exit code %s); %d request(s) failed; starting a new one",
-                      code, len(waiting))
         gone = EngineStopped("the engine process " + ("died before answering; a new one is starting" if restart
                                                       else "stopped before answering"))
         for engine, request in waiting:
             engine._fail(request, gone)
         if restart:
-            threading.Thread(target=self._restart, args=(time.monotonic(),), name="mmexit-engine-restart",
+            worker.process.join(2.0)  # its pipe closed: it exited or is about to
+            LOG.error("the engine process died (exit code %s); %d request(s) failed; starting a new one",
+                      worker.process.exitcode, len(waiting))
+            threading.Thread(target=self._restart, args=(died,), name="mmexit-engine-restart",
                              daemon=True).start()
 
     def _restart(self, died: float) -> None:

@@ -81,6 +81,29 @@ def test_without_restarts_a_dead_worker_fails_its_requests_and_stays_down(tiny_r
     assert proxy.stop(True, 5)
 
 
+def test_livez_and_readyz_follow_the_engines_in_process(tiny_run):
+    """Before start: starting; running: ready; an engine draining or stopped: 503 with its state; /livez stays 200."""
+    from fastapi.testclient import TestClient
+
+    from mmexit.serve.app import create_app
+    from mmexit.serve.service import build_service
+
+    service = build_service(load(tiny_run, device="cpu"), "continuous", max_batch=8)
+    assert service.state() == "starting"
+    with TestClient(create_app(service)) as client:
+        assert client.get("/livez").json() == {"status": "alive"}
+        assert client.get("/readyz").json() == {"status": "ready"}
+        assert "mmexit_ready 1.0" in client.get("/metrics").text
+        assert client.get("/health").json()["state"] == "ready"
+        service.engines["batch"].accepting = False  # what stop(drain=True) does first
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and answer.json() == {"status": "draining"}
+        assert service.engines["batch"].stop(True, 10)
+        assert client.get("/readyz").json() == {"status": "stopped"} and client.get("/livez").status_code == 200
+        assert "mmexit_ready 0.0" in client.get("/metrics").text
+        assert client.get("/health").status_code == 503
+
+
 def load_in_threads(url: str, stop: threading.Event, threads: int = 4, limit_s: float = 90.0) -> list:
     """POST one text per request from ``threads`` threads until ``stop`` (or ``limit_s``): (sent_at, status)."""
     answers: list = []
