@@ -1,4 +1,4 @@
-"""tools/loadtest.py against a real uvicorn server on 127.0.0.1 (ephemeral port), briefly."""
+"""tools/loadtest.py and tools/soak.py against a real uvicorn server on 127.0.0.1 (ephemeral port), briefly."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from mmexit.serve.service import build_service
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "loadtest.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("loadtest_tool", TOOL)
+def load_tool(path: Path = TOOL):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,3 +70,20 @@ def test_closed_loop_table_and_loopback_only(server_url, capsys):
     with pytest.raises(SystemExit):
         tool.parse_args(["--url", "http://10.1.2.3:8000"])
     assert "only loopback addresses" in capsys.readouterr().err
+
+
+def test_soak_mixes_malformed_requests_and_reports_windows(server_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TOOL.parent))  # soak.py imports loadtest
+    soak = load_tool(TOOL.parent / "soak.py")
+    png, out = tmp_path / "soak.png", tmp_path / "soak.json"
+    assert soak.main(["--url", server_url, "--rate", "20", "--duration", "3", "--window", "1", "--malformed", "0.3",
+                      "--png", str(png), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["failures"] == 0 and summary["malformed"] >= 3 and summary["requests"] <= 20 * 3 * 1.5 + 10
+    assert "200" in summary["status"] and "400" in summary["status"]
+    assert set(summary["status"]) <= {"200", "400", "413"}
+    assert len(summary["windows"]) >= 3 and summary["rss_mb"]["server"]["max"] > 0
+    assert png.stat().st_size > 1000
+    assert json.loads(capsys.readouterr().out)["failures"] == 0
+    with pytest.raises(SystemExit):
+        soak.parse_args(["--url", "http://10.1.2.3:8000", "--rate", "1"])
