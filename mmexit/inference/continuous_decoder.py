@@ -88,6 +88,22 @@ class Cohort:
         return len(self.slot_ids)
 
 
+def split_cohort(cohort: Cohort, count: int) -> tuple[Cohort, Cohort]:
+    """The first ``count`` tokens of a cohort and the rest (both keep its ``entered``; plans subset)."""
+    parts = []
+    for rows in (range(0, count), range(count, cohort.size)):
+        hidden = cohort.hidden
+        device = hidden.device if hidden is not None else cohort.plan.rows.device if cohort.plan is not None else None
+        index = torch.tensor(list(rows), dtype=torch.long, device=device)
+        state = {key: value.index_select(0, index.to(value.device)) for key, value in cohort.state.items()}
+        parts.append(Cohort(
+            [cohort.slot_ids[j] for j in rows], [cohort.positions[j] for j in rows],
+            None if hidden is None else hidden.index_select(0, index), state, cohort.entered,
+            plan=cohort.plan.subset(index) if cohort.plan is not None else None,
+            tokens=None if cohort.tokens is None else [cohort.tokens[j] for j in rows]))
+    return parts[0], parts[1]
+
+
 def merge_cohorts(cohorts: list[Cohort]) -> Cohort:
     """One cohort of every token of ``cohorts`` (in order); entered: the oldest's."""
     if len(cohorts) == 1:
@@ -120,7 +136,8 @@ class ContinuousDecoder:
 
     model: a ``Captioner`` (GPT-2 or LLaMA decoder); rule: an exit rule, or None for the full model;
     slots: rows decoded at once; policy: the K/V policy of skipped layers (``propagate`` only);
-    scheduler: the ``LayerScheduler``'s settings (age bound, score weights); keep_logits: keep each
+    scheduler: the ``LayerScheduler``'s settings (age bound, score weights, ``max_call``: the most
+    tokens a layer call takes; slots > max_call gives a pool deeper than a call); keep_logits: keep each
     token's exit logits in its ``Caption`` (tests).
 
     ``submit(features)`` queues images (any time, also between ``step`` calls); ``step()`` makes one
@@ -149,6 +166,7 @@ class ContinuousDecoder:
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self.num_layers = model.num_layers
         self.scheduler = LayerScheduler(self.num_layers, scheduler)
+        self.max_call = self.num_slots if scheduler.max_call is None else min(int(scheduler.max_call), self.num_slots)
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
         self.needs_logits = rule is None or rule.needs_logits
         self.keep_logits = keep_logits
@@ -227,11 +245,15 @@ class ContinuousDecoder:
         if index is None:
             return False
         if index == 0:
-            self._admit(min(len(self.free), len(self.waiting)))
+            self._admit(min(len(self.free), len(self.waiting), max(0, self.max_call - self.queued[0])))
         queue = self.queues[index]
         cohort = merge_cohorts(queue)
         queue.clear()
         self.queued[index] = 0
+        if cohort.size > self.max_call:  # the oldest max_call tokens run; the others wait at the front
+            cohort, rest = split_cohort(cohort, self.max_call)
+            queue.append(rest)
+            self.queued[index] = rest.size
         self._run_layer(index, cohort)
         return True
 

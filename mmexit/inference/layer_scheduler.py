@@ -38,14 +38,19 @@ class Queued(Protocol):
 @dataclass(frozen=True)
 class SchedulerSettings:
     """The scheduler's settings (module doc): max_wait, the age bound in layer calls (None: twice the
-    decoder's layers; a huge value: no bound); depth_bias, catch_up, restart_weight: the score's weights."""
+    decoder's layers; a huge value: no bound); depth_bias, catch_up, restart_weight: the score's weights;
+    max_call: the most tokens one layer call takes (None: every token waiting at the layer; with more
+    slots than ``max_call`` the pool is deeper than a call, and calls fill up with tokens of one layer)."""
 
     max_wait: Optional[int] = None
     depth_bias: float = 1.0
     catch_up: float = 1.0
     restart_weight: float = 0.5
+    max_call: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.max_call is not None and self.max_call < 1:
+            raise ValueError(f"max_call must be >= 1 (or None), got {self.max_call}")
         if (self.max_wait is not None and self.max_wait < 0) or min(self.depth_bias, self.catch_up) < 0 \
                 or self.restart_weight <= 0:
             raise ValueError(f"max_wait, depth_bias and catch_up must be >= 0 and restart_weight > 0, got "
@@ -62,6 +67,7 @@ class LayerScheduler:
         self.layer_weight = [1.0 + settings.depth_bias * index / max(1, self.last) for index in range(num_layers)]
         self.layer_weight[0] = float(settings.restart_weight)
         self.catch_up = float(settings.catch_up)
+        self.max_call = settings.max_call
 
     def pick(self, queues: Sequence[Sequence[Queued]], queued: Sequence[int], admissible: int,
              calls: int) -> Optional[int]:
@@ -77,6 +83,8 @@ class LayerScheduler:
             size = queued[index] + (admissible if index == 0 else 0)
             if size == 0:
                 continue
+            if self.max_call is not None:  # a call takes at most max_call of them
+                size = min(size, self.max_call)
             waited = calls - queue[0].entered if queue else 0
             if waited > max_wait:
                 key = (True, waited, index)

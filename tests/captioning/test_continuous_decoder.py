@@ -132,6 +132,30 @@ def test_each_row_equals_greedy_alone(models, references, family, rule_name, slo
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule_name", ["maxprob", "patience", None])
+@pytest.mark.parametrize("slots,max_call", [(IMAGES, 2), (4, 3), (IMAGES, 1)])
+def test_a_pool_deeper_than_a_call_equals_greedy_alone(models, references, family, rule_name, slots, max_call,
+                                                       monkeypatch):
+    """scheduler.max_call < slots: no call takes more than max_call tokens, and every row is still exact."""
+    model, features, eos = models[family]
+    rule = FAMILIES[family][1][rule_name] if rule_name else None
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, scheduler=SchedulerSettings(max_call=max_call),
+                                keep_logits=True)
+    sizes = []
+    original = decoder._run_layer
+    monkeypatch.setattr(decoder, "_run_layer", lambda index, cohort: (sizes.append(cohort.size),
+                                                                        original(index, cohort)))
+    ids = decoder.submit(features)
+    captions = decoder.run()
+    assert max(sizes) == max_call and decoder.in_flight == 0
+    if rule_name:
+        check_captions([captions[i] for i in ids], references[family, rule_name])
+    else:
+        full = greedy_decode(model, features, None, MAX_LEN, BOS, eos, "propagate")
+        assert [captions[i].tokens for i in ids] == full.tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("order", [[5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 3, 4]], ids=["reversed", "shuffled"])
 def test_arrival_order_and_images_submitted_while_decoding(models, references, family, order):
     """Images arrive in another order, half of them after decoding started; each row is unchanged."""
