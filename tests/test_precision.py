@@ -56,6 +56,9 @@ def test_lower_precision_outputs_are_close_to_float32(dtype, tolerance):
         reference = model.forward_exits(ids, mask)  # [exits, batch, labels]
     low = apply_precision(copy.deepcopy(model), dtype, "cpu")
     assert precision_of(low) == dtype
+    if dtype == "int8":  # square and up-projections quantized; down-projections (FFN output, classifiers) float
+        assert type(low.heads[0].dense).__module__.startswith("torch.ao.nn.quantized.dynamic")
+        assert type(low.heads[0].classifier) is torch.nn.Linear
     with torch.inference_mode():
         outputs = low.forward_exits(ids, mask).float()
     assert (outputs - reference).abs().max() < tolerance * reference.abs().max()
