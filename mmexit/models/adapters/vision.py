@@ -137,15 +137,19 @@ class PooledTokens(nn.Module):
 
 def build_image_encoder(spec: dict) -> nn.Module:
     """{type: timm | hf_vit | hf, name, pretrained, freeze, pool_grid, kwargs} -> an encoder module
-    with ``width`` (frozen: ``FrozenEncoder``; pooled: ``PooledTokens``)."""
+    with ``width`` (frozen: ``FrozenEncoder``; pooled: ``PooledTokens``). pretrained None (or absent):
+    True for hf / hf_vit, False for timm."""
     kind = spec.get("type", "timm")
     kwargs = dict(spec.get("kwargs") or {})
+    pretrained = spec.get("pretrained")
+    if pretrained is None:  # a named Hugging Face encoder is its weights; a timm name is an architecture
+        pretrained = kind != "timm"
     if kind == "timm":
-        encoder = TimmEncoder(spec["name"], bool(spec.get("pretrained", False)), **kwargs)
+        encoder = TimmEncoder(spec["name"], bool(pretrained), **kwargs)
     elif kind == "hf_vit":
-        encoder = HFViTEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
+        encoder = HFViTEncoder(spec["name"], bool(pretrained), **kwargs)
     elif kind == "hf":
-        encoder = HFImageEncoder(spec["name"], bool(spec.get("pretrained", True)), **kwargs)
+        encoder = HFImageEncoder(spec["name"], bool(pretrained), **kwargs)
     else:
         raise ModelLoadError(f"model.encoder.type: unknown encoder type {kind!r}; allowed: timm, hf_vit, hf")
     if spec.get("freeze"):
