@@ -2,7 +2,7 @@
 """Step-synchronous against layer-level continuous caption decoding, on the same images and rule.
 
     python tools/bench_caption_continuous.py RUN_DIR [--rule NAME@VALUE] [--images 64] [--rows 16]
-                                             [--max-len N] [--max-wait CALLS] [--depth-bias 1] [--catch-up 1]
+                                             [--max-call 16] [--max-len N] [--max-wait CALLS] [--depth-bias 1] [--catch-up 1]
                                              [--restart-weight 0.5] [--device cpu]
                                              [--repeats 3] [--threads 1] [--json]
     python tools/bench_caption_continuous.py --random [--family gpt2|llama] [--width 64 --layers 6 --heads 4]
@@ -12,11 +12,12 @@ RUN_DIR: a trained captioning run (``mmexit.load``; its first ``--images`` test 
 its chosen operating point unless ``--rule``, its ``evaluate.max_len`` unless ``--max-len``).
 ``--random`` (or RUN_DIR ``random``): a tiny random captioner built in code (seconds; a smoke test),
 random images. Greedy decoding, ``propagate`` K/V policy, four decoders:
-- ``step-sync full``: ``greedy_decode(rule=None)`` in batches of ``--rows`` (the baseline);
-- ``step-sync exit``: ``greedy_decode(rule)`` in batches of ``--rows`` (a step waits for its deepest row);
+- ``step-sync full``: ``greedy_decode(rule=None)`` in batches of ``--max-call`` (default ``--rows``; the baseline);
+- ``step-sync exit``: ``greedy_decode(rule)`` in the same batches (a step waits for its deepest row);
 - ``continuous full`` / ``continuous exit``: ``ContinuousDecoder`` with ``--rows`` slots (each row at
-  its own step; one call runs a layer for every token waiting there).
-Prints per decoder: median seconds (decoders alternate per repeat), decoder-layer calls, rows per
+  its own step; one call runs a layer for the tokens waiting there, at most ``--max-call`` of them:
+  ``--rows 64 --max-call 16`` is a pool deeper than a call, saturation at the same largest call).
+Prints per decoder: median seconds (decoders alternate per repeat), captions per second, decoder-layer calls, rows per
 call, milliseconds per call (seconds / calls), row-layer speed-up (layers a token runs under the
 full model / mean layers run per token), wall-clock speed-up against ``step-sync full``, efficiency
 (wall / row-layer speed-up) and how many captions equal ``step-sync exit``'s (the continuous
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--rows", type=int, default=16, help="batch rows (step-sync) = slots (continuous)")
     parser.add_argument("--max-len", type=int, default=None, help="default: the run's evaluate.max_len; --random 20")
+    parser.add_argument("--max-call", type=int, default=None,
+                        help="the most tokens one layer call takes (default: --rows); with --rows 64 --max-call 16 the "
+                             "continuous pool is deeper than a call, and step-sync decodes in batches of 16")
     parser.add_argument("--max-wait", type=int, default=None, help="age bound in layer calls (default: 2 x layers)")
     parser.add_argument("--depth-bias", type=float, default=1.0, help="scheduler preference for deeper queues")
     parser.add_argument("--catch-up", type=float, default=1.0,
@@ -160,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         max_len = args.max_len or max_len
 
     try:
-        scheduler = SchedulerSettings(args.max_wait, args.depth_bias, args.catch_up, args.restart_weight)
+        scheduler = SchedulerSettings(args.max_wait, args.depth_bias, args.catch_up, args.restart_weight, args.max_call)
     except ValueError as error:
         print(f"mmexit: error: {error}", file=sys.stderr)
         return 2
+    batch = args.max_call or args.rows  # the same largest call for both decoders
     decoders: dict[str, Callable[[], tuple[DecodeResult, int]]] = {
-        "step-sync full": lambda: step_sync(model, features, None, args.rows, max_len, bos, eos),
-        "step-sync exit": lambda: step_sync(model, features, rule, args.rows, max_len, bos, eos),
+        "step-sync full": lambda: step_sync(model, features, None, batch, max_len, bos, eos),
+        "step-sync exit": lambda: step_sync(model, features, rule, batch, max_len, bos, eos),
         "continuous full": lambda: continuous(model, features, None, args.rows, max_len, bos, eos, scheduler),
         "continuous exit": lambda: continuous(model, features, rule, args.rows, max_len, bos, eos, scheduler),
     }
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         wall_x = base / seconds[name]
         rows.append({"decoder": name, "seconds": seconds[name], "tokens": tokens, "layer_calls": calls,
                      "rows_per_call": float(result.layers.sum()) / calls, "ms_per_call": 1e3 * seconds[name] / calls,
-                     "row_layer_speedup": layer_x,
+                     "row_layer_speedup": layer_x, "captions_per_s": features.shape[0] / seconds[name],
                      "wall_speedup": wall_x, "efficiency": wall_x / layer_x,
                      "same_captions": sum(a == b for a, b in zip(result.tokens, reference))})
     info = {"model": label, "machine": machine_info(), "layers": model.num_layers, "exits": model.exits,
@@ -192,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**info, "rows_table": rows}, indent=2))
         return 0
     print(json.dumps(info))
-    print("| decoder | seconds | tokens | layer calls | rows / call | ms / call | row-layer x | wall x | efficiency "
-          "| captions = step-sync exit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| decoder | seconds | captions / s | tokens | layer calls | rows / call | ms / call | row-layer x | wall x "
+          "| efficiency | captions = step-sync exit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['decoder']} | {row['seconds']:.3f} | {row['tokens']} | {row['layer_calls']} "
+        print(f"| {row['decoder']} | {row['seconds']:.3f} | {row['captions_per_s']:.1f} | {row['tokens']} "
+              f"| {row['layer_calls']} "
               f"| {row['rows_per_call']:.1f} | {row['ms_per_call']:.2f} | {row['row_layer_speedup']:.2f} "
               f"| {row['wall_speedup']:.2f} "
               f"| {row['efficiency']:.2f} | {row['same_captions']}/{len(reference)} |")
