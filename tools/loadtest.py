@@ -41,6 +41,13 @@ from urllib.parse import urlsplit
 import aiohttp
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def check_loopback(parser: argparse.ArgumentParser, url: str) -> None:
+    """Stop with a usage error unless ``url`` is on a loopback address (the only targets allowed here)."""
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK and f"[{host}]" not in LOOPBACK:
+        parser.error(f"--url: only loopback addresses are allowed here, got {host!r}")
 BUILTIN_TEXTS = [
     "a gripping, beautifully shot film", "flat and dull from start to finish",
     "the cast is wonderful but the story goes nowhere", "one of the most original thrillers in years",
@@ -328,9 +335,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--png", help="write latency and throughput vs offered load here (with --sweep)")
     parser.add_argument("--json", action="store_true", help="print the runs as one JSON document")
     args = parser.parse_args(argv)
-    host = urlsplit(args.url).hostname or ""
-    if host not in LOOPBACK and f"[{host}]" not in LOOPBACK:
-        parser.error(f"--url: only loopback addresses are allowed here, got {host!r}")
+    check_loopback(parser, args.url)
     if args.rate <= 0 or args.duration <= 0 or args.texts_per_request < 1 or args.concurrency_limit < 1:
         parser.error("--rate, --duration, --texts-per-request and --concurrency-limit must be positive")
     return args

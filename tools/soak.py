@@ -24,10 +24,9 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit
 
 import aiohttp
-from loadtest import LOOPBACK, percentile, read_texts, session
+from loadtest import check_loopback, percentile, read_texts, session
 
 MALFORMED = (  # (what, request keyword arguments, expected statuses)
     ("invalid JSON", {"data": b'{"texts": ["a film"', "headers": {"content-type": "application/json"}}, {"400"}),
@@ -171,9 +170,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--title", default="soak", help="the PNG's title")
     parser.add_argument("--json", help="write the summary with its windows here")
     args = parser.parse_args(argv)
-    host = urlsplit(args.url).hostname or ""
-    if host not in LOOPBACK and f"[{host}]" not in LOOPBACK:
-        parser.error(f"--url: only loopback addresses are allowed here, got {host!r}")
+    check_loopback(parser, args.url)
     if args.rate <= 0 or args.duration <= 0 or args.window <= 0 or not 0 <= args.malformed < 1:
         parser.error("--rate, --duration and --window must be positive and --malformed in [0, 1)")
     return args
