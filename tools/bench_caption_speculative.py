@@ -67,7 +67,7 @@ def measure_part_costs(model, features: torch.Tensor, max_len: int, draft_layer:
     per layer), one layer over n positions for every n in ``chunk_lengths`` (a pass over the verify
     layers E+1..L, per layer), exit E's head and the final head on one and n rows, and the prefill
     of one image's prefix. features [1, ...]: one image."""
-    from mmexit.inference.kv_cache import DecoderCache
+    from mmexit.models.kv_cache import DecoderCache
     from mmexit.inference.speculative_cost import PartCosts
 
     adapter, layers = model.adapter, model.num_layers

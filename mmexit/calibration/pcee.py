@@ -10,7 +10,7 @@ The table does not depend on delta, so after ``fit`` every ``rule.with_threshold
 - ``"none"``: the paper, bin accuracies as point estimates.
 - ``"ltt"``: the overall accuracy is >= delta with probability >= 1 - ``alpha`` over the
   calibration draw (Learn-then-Test, fixed-sequence testing with exact binomial p-values; see
-  ``mmexit.calibration.accuracy_control``). ``score="confidence"`` (default) tests a fixed grid of
+  ``mmexit.statistics.accuracy_control``). ``score="confidence"`` (default) tests a fixed grid of
   confidence levels on the whole split. With ``score="bin_accuracy"`` the split is divided at
   random (``fit_fraction``, ``seed``): the bin tables are fitted on one part, the levels tested on
   the other.
@@ -24,7 +24,7 @@ Recipe: ``{name: pcee, calibration: {name: pcee, guarantee: ltt, alpha: 0.1}}``.
 
 from __future__ import annotations
 
-from mmexit.calibration.accuracy_control import BOUNDS, CONFIDENCE_LEVELS, policy_counts, split_indices
+from mmexit.statistics.accuracy_control import BOUNDS, CONFIDENCE_LEVELS, policy_counts, split_indices
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.errors import CalibrationError, RecipeError
 

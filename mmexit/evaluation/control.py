@@ -120,7 +120,7 @@ def _ltt_agree(calib: Split, alpha: float) -> Calibrated:
     """
     from scipy.stats import binom
 
-    from mmexit.calibration.accuracy_control import exits_at_levels, first_failure, lower_bound
+    from mmexit.statistics.accuracy_control import exits_at_levels, first_failure, lower_bound
     from mmexit.exits.confidence import MaxProbRule
 
     n = int(calib.labels.numel())
@@ -144,7 +144,7 @@ def _ltt_agree(calib: Split, alpha: float) -> Calibrated:
 
 def ltt_agree_grid() -> list[float]:
     """The max-prob thresholds LTT walks in the check (conservative first)."""
-    from mmexit.calibration.accuracy_control import CONFIDENCE_LEVELS
+    from mmexit.statistics.accuracy_control import CONFIDENCE_LEVELS
 
     return [level for level in CONFIDENCE_LEVELS if level < 1.0]
 
@@ -322,7 +322,7 @@ def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = 
 
 def _grid_outcomes(test: Split, grid: Sequence[float], layers_of: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
     """(accuracy [G], layer speed-up [G]) on one test part of "exit at max-prob >= level", per grid level."""
-    from mmexit.calibration.accuracy_control import exits_at_levels
+    from mmexit.statistics.accuracy_control import exits_at_levels
 
     exit_index = exits_at_levels(test.confidence[:-1], grid)  # [G, N]
     accuracy = test.correct.bool().gather(0, exit_index).double().mean(1)

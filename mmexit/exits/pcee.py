@@ -23,7 +23,7 @@ What the paper leaves open, and mmexit's choices:
   delta above the final exit's own calibration accuracy (the target then cannot be met at all).
 
 Control with a guarantee (mmexit's own, beyond the paper; ``calibration: {name: pcee, guarantee:
-..., alpha: 0.1}``, see ``mmexit.calibration.pcee`` and ``mmexit.calibration.accuracy_control``).
+..., alpha: 0.1}``, see ``mmexit.calibration.pcee`` and ``mmexit.statistics.accuracy_control``).
 The paper's rule puts each bin's *point estimate* straight into the decision: a bin of ~40
 calibration samples has a standard error of ~7 points, the bins that happen to look good are the
 ones chosen, and on new data the accuracy lands below delta. Two guaranteed variants:
@@ -197,7 +197,7 @@ class PCEERule(PerExitTemperature, ExitRule):
     def set_guarantee(self, guarantee: str, alpha: float = 0.1, bound: str = "clopper_pearson",
                       ltt: Optional[dict] = None) -> None:
         """Switch to a guaranteed variant (after ``set_statistics``); ``ltt`` is needed for "ltt"."""
-        from mmexit.calibration.accuracy_control import BOUNDS
+        from mmexit.statistics.accuracy_control import BOUNDS
 
         if guarantee not in GUARANTEES:
             raise RecipeError(f"rule pcee: guarantee {guarantee!r} is not allowed; allowed: {', '.join(GUARANTEES)}")
@@ -234,7 +234,7 @@ class PCEERule(PerExitTemperature, ExitRule):
 
         None also when the certified levels stop no calibration row early (nothing to gain from them).
         """
-        from mmexit.calibration.accuracy_control import fixed_sequence_level
+        from mmexit.statistics.accuracy_control import fixed_sequence_level
 
         delta = self.threshold if delta is None else float(delta)
         key = ("ltt", delta, self.alpha)
@@ -250,7 +250,7 @@ class PCEERule(PerExitTemperature, ExitRule):
 
     def _bins_allowed(self, exit_index: int, delta: float) -> Tensor:
         """Guarantee "bins": the bins of one exit whose lower bound stays >= delta, walked from the top bin down."""
-        from mmexit.calibration.accuracy_control import lower_bound
+        from mmexit.statistics.accuracy_control import lower_bound
 
         key = ("bins", delta, self.alpha, self.bound, exit_index)
         if key not in self._decisions:
@@ -329,7 +329,7 @@ class PCEERule(PerExitTemperature, ExitRule):
         if self.final_accuracy is None:
             return True
         if self.guarantee == "bins" and self.final_counts is not None:
-            from mmexit.calibration.accuracy_control import lower_bound
+            from mmexit.statistics.accuracy_control import lower_bound
 
             key = ("final", self.alpha, self.bound)
             if key not in self._decisions:
@@ -354,7 +354,7 @@ class PCEERule(PerExitTemperature, ExitRule):
                 "every sample runs the full model (falls back to the full model)"
             )
         if self.guarantee == "bins" and self.target_unreachable():
-            from mmexit.calibration.accuracy_control import lower_bound
+            from mmexit.statistics.accuracy_control import lower_bound
 
             hits, n = self.final_counts
             notes.append(
@@ -370,7 +370,7 @@ class PCEERule(PerExitTemperature, ExitRule):
         return "; ".join(notes) or None
 
     def _ltt_warning(self) -> Optional[str]:
-        from mmexit.calibration.accuracy_control import max_certifiable_delta
+        from mmexit.statistics.accuracy_control import max_certifiable_delta
 
         ltt = self.ltt
         full_ok, level = self.certified()

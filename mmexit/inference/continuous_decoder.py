@@ -57,7 +57,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule, RuleState, check_state, subset_state
 from mmexit.inference.exit_loop import decide_at_exit
-from mmexit.inference.kv_cache import DecoderCache, RowsPlan, SlotCache
+from mmexit.models.kv_cache import DecoderCache, RowsPlan, SlotCache
 from mmexit.inference.layer_scheduler import LayerScheduler, SchedulerSettings
 from mmexit.inference.search import DecodeResult, _exit_positions
 

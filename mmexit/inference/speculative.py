@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.inference.kv_cache import DecoderCache
+from mmexit.models.kv_cache import DecoderCache
 
 
 @dataclass

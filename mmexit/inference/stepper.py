@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule
 from mmexit.inference.exit_loop import ActiveRows
-from mmexit.inference.kv_cache import DecoderCache, propagate
+from mmexit.models.kv_cache import DecoderCache, propagate
 
 POLICIES = ("propagate", "deferred", "oracle")
 

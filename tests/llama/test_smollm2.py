@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmexit.models.sources.wheels import MissingPackageError, WheelDownloadError
+from mmexit.sources.wheels import MissingPackageError, WheelDownloadError
 from mmexit.exits.confidence import MaxProbRule, NeverExitRule
 from mmexit.inference.search import greedy_decode
 from mmexit.inference.speculative import speculative_decode
 from mmexit.inference.text_generation import generate_text
 from mmexit.models.captioner import build_captioner
-from mmexit.models.sources import resolve_packaged
+from mmexit.sources import resolve_packaged
 from uncached_stepper import UncachedStepper
 
 pytestmark = pytest.mark.integration

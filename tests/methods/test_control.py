@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmexit.calibration.accuracy_control import (CONFIDENCE_LEVELS, accuracy_p_value, errors_at_levels,
+from mmexit.statistics.accuracy_control import (CONFIDENCE_LEVELS, accuracy_p_value, errors_at_levels,
                                                   lower_bound, max_certifiable_delta)
 from mmexit.calibration.ltt import LTTCalibration
 from mmexit.calibration.pcee import PCEECalibration

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mmexit.errors import ModelLoadError
-from mmexit.models.sources import PACKAGED_SOURCES, dinov2, resolve_packaged, smollm2, wheels
-from mmexit.models.sources.wheels import MissingPackageError, WheelDownloadError, convert_once, fetch_wheel
+from mmexit.sources import PACKAGED_SOURCES, dinov2, resolve_packaged, smollm2, wheels
+from mmexit.sources.wheels import MissingPackageError, WheelDownloadError, convert_once, fetch_wheel
 from mmexit_testing import REPO
 
 CACHE = REPO / "data" / "cache"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.inference.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
+from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 
 def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
-from mmexit.inference.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
+from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 #: LlamaConfig keys that rebuild a decoder's shape (saved with a trained captioner)
 ARCHITECTURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -40,7 +40,7 @@ def build_llama_decoder(vocab_size: int, pretrained: str | None = None, special_
 
     if pretrained:
         if pretrained.startswith("pypi:"):
-            from mmexit.models.sources import resolve_packaged
+            from mmexit.sources import resolve_packaged
 
             pretrained = str(resolve_packaged(pretrained))
         try:

@@ -69,7 +69,7 @@ class HFImageEncoder(nn.Module):
         source = name
         try:
             if name.startswith("pypi:"):
-                from mmexit.models.sources import resolve_packaged
+                from mmexit.sources import resolve_packaged
 
                 source = str(resolve_packaged(name, cache_dir))
             if pretrained:

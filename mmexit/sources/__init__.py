@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from mmexit.errors import ModelLoadError
-from mmexit.models.sources.dinov2 import dinov2_path
-from mmexit.models.sources.smollm2 import smollm2_path
+from mmexit.sources.dinov2 import dinov2_path
+from mmexit.sources.smollm2 import smollm2_path
 
 PACKAGED_SOURCES: dict[str, str] = {
     "pypi:dinov2-small": "DINOv2 ViT-S/14 image encoder (Dinov2Model: 12 layers, width 384, 257 tokens at "

@@ -1,0 +1,1 @@
+"""Pure statistics (binomial bounds, fixed-sequence testing) with no mmexit dependencies beyond errors."""
