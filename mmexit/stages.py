@@ -2,8 +2,9 @@
 
 The task (``mmexit.tasks``) supplies data, model, training data and loss, exit statistics and
 evaluation; everything else is here: the order of stages, the one calibration file format
-(``calibration.json``), the inference precision (``evaluate.dtype``, applied after training, so
-calibration and evaluation see the deployed model), the chosen operating points
+(``calibration.json``, written here; read back by ``mmexit.calibration.rule_spec``), the inference
+precision (``evaluate.dtype``, applied after training, so calibration and evaluation see the
+deployed model), the chosen operating points
 (``operating_points.json``, read by ``mmexit.load``), predictions, rows and the report. Only the
 main process writes.
 """
@@ -14,8 +15,9 @@ import json
 import logging
 from pathlib import Path
 
+from mmexit.calibration.rule_spec import (CALIBRATION_FILE, OPERATING_POINTS_FILE, RULE_RESERVED, build_rules,
+                                          load_calibration)
 from mmexit.calibration.statistics import ExitStatistics
-from mmexit.errors import RecipeError
 from mmexit.evaluation.results import write_results
 from mmexit.evaluation.rows import with_dtype
 from mmexit.evaluation.timing import machine_info
@@ -23,17 +25,9 @@ from mmexit.exits.base import ExitRule
 from mmexit.files import atomic_write_text
 from mmexit.models.precision import apply_precision
 from mmexit.recipe.language import build_component
-from mmexit.tasks.base import RULE_RESERVED, Run
+from mmexit.tasks.base import Run
 
 logger = logging.getLogger(__name__)
-CALIBRATION_FILE = "calibration.json"
-OPERATING_POINTS_FILE = "operating_points.json"
-
-
-def build_rules(recipe: dict) -> list[tuple[dict, ExitRule]]:
-    """The recipe's rules, each with its spec (for sweep / calibration)."""
-    return [(spec, build_component(spec, "rule", f"evaluate.rules[{i}]", reserved=RULE_RESERVED))
-            for i, spec in enumerate(recipe["evaluate"]["rules"])]
 
 
 def _json(value):
@@ -63,24 +57,6 @@ def calibrate(run: Run, rules: list[tuple[dict, ExitRule]], stats: ExitStatistic
     if run.accelerator.is_main_process:
         atomic_write_text(run.write_dir / CALIBRATION_FILE, json.dumps(saved, indent=2, default=_json))
     return saved
-
-
-def load_calibration(folder: Path, rules: list[tuple[dict, ExitRule]]) -> None:
-    """Restore ``calibration.json`` of a run folder into ``rules`` (matched by index and name).
-
-    A rule that needs calibration and finds none raises one line naming it.
-    """
-    path = Path(folder) / CALIBRATION_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {"rules": {}}
-    for index, (spec, rule) in enumerate(rules):
-        state = saved["rules"].get(str(index))
-        if state and state["rule"] == rule.name:
-            rule.load_calibration_state(state["state"])
-            if saved.get("temperatures") and hasattr(rule, "temperatures") and rule.temperatures is None:
-                rule.temperatures = saved["temperatures"]
-        elif rule.needs_calibration:
-            raise RecipeError(f"evaluate.rules[{index}]: rule '{rule.name}' needs the calibrate stage "
-                              f"(no calibration for it in {path})")
 
 
 def save_operating_points(run: Run, rules: list[tuple[dict, ExitRule]], chosen: dict[int, float]) -> None:
