@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from mmexit.evaluation.timing import machine_info, time_alternating  # noqa: E402
 from mmexit.exits.base import ExitRule  # noqa: E402
 from mmexit.inference.continuous_decoder import ContinuousDecoder, captions_to_result  # noqa: E402
-from mmexit.inference.layer_scheduler import SchedulerSettings  # noqa: E402
+from mmexit.inference.scheduler import SchedulerSettings  # noqa: E402
 from mmexit.inference.search import DecodeResult, greedy_decode  # noqa: E402
 
 

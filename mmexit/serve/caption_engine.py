@@ -1,9 +1,10 @@
 """Serving captions with the continuous decoder: images of many requests share one pool of slots.
 
-``ContinuousCaptionEngine`` feeds ``mmexit.inference.continuous_decoder.ContinuousDecoder``: the
-model thread takes as many queued images as there are free slots (whole requests or parts of
-them), encodes them and submits them, then runs layer calls (each call serves the tokens waiting
-at one decoder layer, whichever request and step they belong to). A caption that finishes frees
+``ContinuousCaptionEngine`` feeds ``mmexit.inference.continuous_decoder.ContinuousDecoder`` (the
+continuous-batching core over the decoder-layer runner): the model thread takes as many queued
+images as there are free slots (whole requests or parts of them), encodes them and submits them,
+then runs layer calls (each call serves the tokens waiting at one decoder layer, whichever request
+and step they belong to). A caption that finishes frees
 its slot at once for the next queued image, and its request is answered when its last image is.
 Each caption equals the batched early-exit decoder's (greedy, ``propagate`` K/V policy; tested), so
 only recipes decoding that way can use this engine.
@@ -80,9 +81,8 @@ class ContinuousCaptionEngine(BaseEngine):
 
     def _step(self) -> None:
         decoder = self.decoder
-        free = decoder.num_slots - decoder.in_flight - len(decoder.waiting)
         with self.cond:
-            taken = self._take(max(0, free))
+            taken = self._take(max(0, decoder.room))
         start = time.perf_counter()
         taken, pixels = self._open(taken) if taken else ([], None)
         if taken:
@@ -98,12 +98,11 @@ class ContinuousCaptionEngine(BaseEngine):
         for _ in range(self.calls_per_step):
             if not decoder.step():
                 break
-        finished = [image for image in self.owners if decoder.captions.get(image) is not None
-                    and decoder.captions[image].done]
+        finished = list(decoder.results.items())
+        decoder.results.clear()
         self._account(time.perf_counter() - start, len(finished))
         tokenizer = self.predictor.processor
-        for image in finished:
-            caption = decoder.captions.pop(image)
+        for image, caption in finished:
             request, row = self.owners.pop(image)
             self._answer(request, row, {"caption": tokenizer.decode(caption.tokens), "tokens": caption.tokens,
                                         "layers": caption.layers})

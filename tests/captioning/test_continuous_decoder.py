@@ -26,8 +26,9 @@ from mmexit_testing import one_torch_thread  # noqa: E402
 from mmexit.exits.confidence import MaxProbRule  # noqa: E402
 from mmexit.exits.patience import PatienceRule  # noqa: E402
 from mmexit.exits.saturation import SaturationRule  # noqa: E402
-from mmexit.inference.continuous_decoder import Cohort, ContinuousDecoder, continuous_greedy_decode  # noqa: E402
-from mmexit.inference.layer_scheduler import SchedulerSettings  # noqa: E402
+from mmexit.inference.continuous_decoder import ContinuousDecoder, continuous_greedy_decode  # noqa: E402
+from mmexit.inference.decoder_layer_runner import DecoderLayerRunner  # noqa: E402
+from mmexit.inference.scheduler import SchedulerSettings  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.inference.stepper import CachedStepper  # noqa: E402
 from mmexit.models.captioner import build_captioner  # noqa: E402
@@ -142,9 +143,8 @@ def test_a_pool_deeper_than_a_call_equals_greedy_alone(models, references, famil
     decoder = ContinuousDecoder(model, rule, MAX_LEN, slots, BOS, eos, scheduler=SchedulerSettings(max_call=max_call),
                                 keep_logits=True)
     sizes = []
-    original = decoder._run_layer
-    monkeypatch.setattr(decoder, "_run_layer", lambda index, cohort: (sizes.append(cohort.size),
-                                                                        original(index, cohort)))
+    original = decoder.runner.run
+    monkeypatch.setattr(decoder.runner, "run", lambda index, rows: (sizes.append(len(rows)), original(index, rows))[1])
     ids = decoder.submit(features)
     captions = decoder.run()
     assert max(sizes) == max_call and decoder.in_flight == 0
@@ -201,21 +201,21 @@ def test_every_kv_a_token_reads_equals_the_row_alone(models, references, family)
     captions = decoder.run()
     compared = 0
     for image, reference in zip(ids, references[family, "maxprob"]):
-        caption, cache = captions[image], reference["cache"]
+        caption, cache, mine_cache = captions[image], reference["cache"], decoder.runner.cache
         for layer in range(model.num_layers):
-            for mine, theirs in ((decoder.cache.keys, cache.keys), (decoder.cache.values, cache.values)):
+            for mine, theirs in ((mine_cache.keys, cache.keys), (mine_cache.values, cache.values)):
                 torch.testing.assert_close(mine[layer][caption.slot, :, :cache.offset],
                                            theirs[layer][0, :, :cache.offset], atol=1e-5, rtol=1e-5)
             for i in range(len(caption.tokens)):
                 if layer >= max(caption.layers[i:]):
                     continue
                 position = cache.offset + i
-                for mine, theirs in ((decoder.cache.keys, cache.keys), (decoder.cache.values, cache.values)):
+                for mine, theirs in ((mine_cache.keys, cache.keys), (mine_cache.values, cache.values)):
                     torch.testing.assert_close(mine[layer][caption.slot, :, position], theirs[layer][0, :, position],
                                                atol=1e-5, rtol=1e-5)
                 compared += layer >= caption.layers[i]  # a propagated entry
     assert compared > 0
-    assert not decoder.unpropagated
+    assert not decoder.runner.unpropagated
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -227,10 +227,10 @@ def test_a_finished_rows_slot_is_reused(models, references, family):
     most_in_flight = 0
     while decoder.step():
         most_in_flight = max(most_in_flight, decoder.in_flight)
-    captions = [decoder.captions[i] for i in ids]
+    captions = [decoder.results[i] for i in ids]
     assert most_in_flight == 2
     assert {caption.slot for caption in captions} == {0, 1}
-    assert decoder.cache.keys[0].shape[0] == 2  # the pool holds 2 rows for 6 images
+    assert decoder.runner.cache.keys[0].shape[0] == 2  # the pool holds 2 rows for 6 images
     check_captions(captions, references[family, "maxprob"])  # stale K/V of a slot's earlier image never leak
 
 
@@ -252,43 +252,6 @@ def test_rows_at_different_positions_share_layer_calls(models, monkeypatch, fami
     assert decoder.calls == len(calls)
     assert any(len(set(positions)) > 1 for _, positions in calls)
     assert decoder.row_layers == sum(len(positions) for _, positions in calls)
-
-
-def _queue_tokens(decoder: ContinuousDecoder, layer: int, count: int) -> None:
-    """``count`` made-up tokens waiting at ``layer`` (only what the scheduler reads: sizes, ages)."""
-    decoder.queues[layer].append(Cohort(list(range(count)), [0] * count, None, {}, decoder.calls))
-    decoder.queued[layer] += count
-
-
-@pytest.mark.parametrize("catch_up, expected", [(0.0, 2), (1.0, 1)])
-def test_scheduler_scores(models, catch_up, expected):
-    """Score = waiting tokens x layer weight (+ catch_up x tokens one layer deeper): with 2 tokens at
-    layer 1 and 3 at layer 2 of 4, depth_bias 1, layer 2 scores 3 x 5/3 = 5; layer 1 scores 2 x 4/3
-    = 2.67 alone, 5.67 with the 3 tokens it would join."""
-    model = models["gpt2"][0]
-    assert model.num_layers == 4
-    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 4, BOS,
-                                scheduler=SchedulerSettings(depth_bias=1.0, catch_up=catch_up))
-    _queue_tokens(decoder, 1, 2)
-    _queue_tokens(decoder, 2, 3)
-    assert decoder._pick() == expected
-
-
-def test_scheduler_restart_weight_and_age_bound(models):
-    """The layer-0 queue counts at restart_weight (4 x 0.5 = 2 < 3 tokens at layer 1); past max_wait
-    calls the oldest queue runs whatever the scores."""
-    model = models["gpt2"][0]
-    decoder = ContinuousDecoder(model, MaxProbRule(0.5), MAX_LEN, 8, BOS,
-                                scheduler=SchedulerSettings(max_wait=5, depth_bias=0.0, catch_up=0.0,
-                                                            restart_weight=0.5))
-    _queue_tokens(decoder, 0, 4)
-    _queue_tokens(decoder, 1, 3)
-    assert decoder._pick() == 1
-    decoder.calls += 6  # both queues waited 6 > 5 calls: the deeper of the two oldest
-    _queue_tokens(decoder, 3, 8)
-    assert decoder._pick() == 1
-    with pytest.raises(ValueError, match="restart_weight"):
-        SchedulerSettings(restart_weight=0.0)
 
 
 @pytest.mark.parametrize("policy", ["deferred", "oracle", "nonsense"])
@@ -348,20 +311,20 @@ def test_admissions_across_staged_batches(models, references, family, monkeypatc
     of these slot counts) gives each image its own, and every row still equals greedy decoding alone."""
     model, features, eos = models[family]
     crossings = []
-    original = ContinuousDecoder._admit
+    original = DecoderLayerRunner.admit
 
-    def spy(self, count):
-        crossings.append(0 < self.staged_left < count)
-        return original(self, count)
+    def spy(self, slots, items, upcoming):
+        crossings.append(0 < self.staged_left < len(slots))
+        return original(self, slots, items, upcoming)
 
-    monkeypatch.setattr(ContinuousDecoder, "_admit", spy)
+    monkeypatch.setattr(DecoderLayerRunner, "admit", spy)
     expected = references[family, "maxprob"]
     for slots in (2, 3, 4, 5):
         decoder = ContinuousDecoder(model, FAMILIES[family][1]["maxprob"], MAX_LEN, slots, BOS, eos, keep_logits=True)
         ids = decoder.submit(torch.cat([features, features, features]))  # 18 images: image i is image i % 6
         captions = decoder.run()
         check_captions([captions[i] for i in ids], [expected[i % IMAGES] for i in range(len(ids))])
-        assert decoder.staged is None and not decoder.waiting
+        assert decoder.runner.staged is None and not decoder.waiting
     assert any(crossings)
 
 
@@ -387,7 +350,7 @@ def test_state_propagation_folded_into_calls_or_not(models, references, family, 
         ids = decoder.submit(features)
         captions = decoder.run()
         check_captions([captions[i] for i in ids], references[family, rule_name])
-        assert decoder.cache.folded is None and not decoder.unpropagated
+        assert decoder.runner.cache.folded is None and not decoder.runner.unpropagated
     assert any(folded)
 
 
