@@ -1,4 +1,4 @@
-"""The entry point: ``mmexit run | predict | serve``.
+"""The entry point: ``mmexit run | predict | serve | bench``.
 
 ``mmexit run RECIPE [key=value ...]`` (also ``mmexit RECIPE.yaml ...``, ``accelerate launch
 tools/run.py RECIPE ...``): recipe -> validated config -> accelerate -> the task's stages ->
@@ -272,6 +272,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         quiet_libraries()
         return predict_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from mmexit.bench.cli import bench_main
+
+        quiet_libraries()
+        return bench_main(argv[1:])
     if argv and argv[0] == "serve":
         from mmexit.serve.serve_cli import serve_main
 
@@ -280,9 +285,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "run":
         return run_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mmexit {run,predict,serve} ...\n"
+        print("usage: mmexit {run,predict,serve,bench} ...\n"
               "  mmexit run RECIPE.yaml [key=value ...]   train, calibrate, evaluate, report (also: mmexit RECIPE.yaml)\n"
               "  mmexit predict RUN_DIR --text TEXT | --input FILE   a trained run on new inputs, JSON lines out\n"
+              "  mmexit bench {text,caption,speculative,engine,load,precision} ...   speed benchmarks (--help)\n"
               "  mmexit serve RUN_DIR [--host 127.0.0.1] [--port 8000]   serve a trained run over HTTP")
         return 0 if argv else 2
     return run_main(argv)

@@ -8,7 +8,7 @@ requests, then it stops by itself). A share ``--malformed`` of the requests is b
 turn: invalid JSON, an empty list, a wrong type, an over-long text (413), an unknown engine. A good
 request must get 200, a bad one 400/413; anything else (5xx, timeout, reset, a 200 for a bad one) is
 a failure. Every ``--window`` s it records p50/p95/p99 of the good requests' latency (from their
-scheduled arrival, as in tools/loadtest.py) and the resident memory of the server process and of
+scheduled arrival, as in ``mmexit bench load``) and the resident memory of the server process and of
 its engine worker (``engine_pid`` in /health, for ``--engine-process``). Prints one JSON summary;
 ``--png`` plots latency percentiles and memory over time. Only loopback URLs are accepted.
 """
@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 import aiohttp
-from loadtest import check_loopback, percentile, read_texts, session
+
+from mmexit.bench.inputs import read_texts
+from mmexit.bench.load import check_loopback, percentile, session
 
 MALFORMED = (  # (what, request keyword arguments, expected statuses)
     ("invalid JSON", {"data": b'{"texts": ["a film"', "headers": {"content-type": "application/json"}}, {"400"}),

@@ -17,15 +17,16 @@ def _synchronize() -> None:
 
 
 def time_alternating(
-    candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+    candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, calls: int = 1
 ) -> dict[str, float]:
-    """Median seconds per candidate, each call timed alone, candidates interleaved per repeat.
+    """Median seconds per call of each candidate, candidates interleaved per repeat.
 
     Every candidate runs ``warmup`` times untimed first; then ``repeats`` rounds call each
-    candidate once in turn (A B C, A B C, ...), so drift in machine load hits all alike.
+    candidate in turn (A B C, A B C, ...), so drift in machine load hits all alike. A sample is
+    ``calls`` back-to-back calls of one candidate divided by ``calls`` (for calls too short to time alone).
     """
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
+    if repeats < 1 or calls < 1:
+        raise ValueError("repeats and calls must be >= 1")
     for function in candidates.values():
         for _ in range(warmup):
             function()
@@ -35,9 +36,10 @@ def time_alternating(
             for name, function in candidates.items():
                 _synchronize()
                 start = time.perf_counter()
-                function()
+                for _ in range(calls):
+                    function()
                 _synchronize()
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -1,7 +1,9 @@
-"""tools/bench_caption.py on a tiny random decoder: the table is produced with the known layer speed-ups."""
+"""``mmexit bench caption`` on a tiny random decoder: fixed exit patterns with their known layer
+speed-ups, and a rule under both decoders."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +11,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_caption_table_on_a_tiny_decoder():
-    result = subprocess.run(
-        [sys.executable, "tools/bench_caption.py", "--width", "32", "--layers", "4", "--heads", "2", "--vocab", "30",
-         "--images", "4", "--steps", "4", "--repeats", "1", "--batch-sizes", "2", "1"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
+def bench_caption(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmexit.runner", "bench", "caption", "random", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_patterns_table_on_a_tiny_decoder():
+    result = bench_caption("--patterns", "--width", "32", "--layers", "4", "--heads", "2", "--vocab", "30",
+                           "--images", "4", "--steps", "4", "--repeats", "1", "--batch-sizes", "2", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| 2 ")]
@@ -31,3 +35,15 @@ def test_bench_caption_table_on_a_tiny_decoder():
     assert not any(name.startswith("alternate") for decoder, name in layer_x if decoder == cont)
     assert any(line.startswith("| 1 ") for line in result.stdout.splitlines())
     assert not any(line.startswith("| 1 | continuous") for line in result.stdout.splitlines())
+
+
+def test_decoders_option_and_rule_specs():
+    result = bench_caption("--width", "32", "--layers", "4", "--heads", "2", "--vocab", "30", "--images", "4",
+                           "--rows", "2", "--max-len", "5", "--repeats", "1", "--decoders", "continuous",
+                           "--rule", "entropy@0.5", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["rule"] == "entropy@0.5"
+    assert {row["decoder"] for row in report["rows_table"]} == {"step-sync full", "continuous full", "continuous exit"}
+    bad = bench_caption("--rule", "pcee@0.9", "--images", "2")
+    assert bad.returncode == 2 and "mmexit: error: rule: 'pcee' needs a calibration" in bad.stderr

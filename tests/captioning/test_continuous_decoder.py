@@ -277,14 +277,14 @@ def test_llama_project_kv_takes_a_position_per_row(models):
 
 
 def test_bench_tool_on_a_tiny_random_captioner():
-    """tools/bench_caption_continuous.py --random: four decoders, the continuous captions equal the
+    """mmexit bench caption random: four decoders, the continuous captions equal the
     step-synchronous ones, early exit runs fewer layers per token than the full model."""
     import json
     import subprocess
 
     repo = Path(__file__).resolve().parents[2]
     result = subprocess.run(
-        [sys.executable, "tools/bench_caption_continuous.py", "--random", "--width", "32", "--layers", "4",
+        [sys.executable, "-m", "mmexit.runner", "bench", "caption", "random", "--width", "32", "--layers", "4",
          "--heads", "2", "--vocab", "30", "--images", "6", "--rows", "3", "--max-len", "6", "--repeats", "1",
          "--json"], capture_output=True, text=True, cwd=repo, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -108,9 +108,9 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    tools = REPO / "tools"
-    speculative = subprocess.run([sys.executable, str(tools / "bench_caption_speculative.py"), str(out), "--images", "4",
-                                  "--draft-layers", "1", "2", "--draft-tokens", "2", "--repeats", "1", "--costs", "--json"],
+    bench = [sys.executable, "-m", "mmexit.runner", "bench"]
+    speculative = subprocess.run([*bench, "speculative", str(out), "--images", "4", "--draft-layers", "1", "2",
+                                  "--draft-tokens", "2", "--repeats", "1", "--costs", "--json"],
                                  capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert speculative.returncode == 0, speculative.stderr[-2000:]
     report = json.loads(speculative.stdout)
@@ -118,8 +118,8 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     for row in report["rows"][1:]:  # the cost model: a ceiling (every draft kept) above its prediction
         assert row["ceiling_speedup"] >= row["predicted_speedup"] > 0
         assert row["part_costs_ms"]["span"]["2"] > 0
-    continuous = subprocess.run([sys.executable, str(tools / "bench_caption_continuous.py"), str(out), "--rule",
-                                 "maxprob@0.5", "--images", "6", "--rows", "3", "--repeats", "1", "--json"],
+    continuous = subprocess.run([*bench, "caption", str(out), "--rule", "maxprob@0.5", "--images", "6", "--rows", "3",
+                                 "--repeats", "1", "--json"],
                                 capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert continuous.returncode == 0, continuous.stderr[-2000:]
     table = {row["decoder"]: row for row in json.loads(continuous.stdout)["rows_table"]}

@@ -1,4 +1,4 @@
-"""tools/loadtest.py and tools/soak.py against a real uvicorn server on 127.0.0.1 (ephemeral port), briefly."""
+"""``mmexit bench load`` and tools/soak.py against a real uvicorn server on 127.0.0.1 (ephemeral port), briefly."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import uvicorn
 from serve_helpers import make_tiny_run
 
 import mmexit
+from mmexit.runner import main as mmexit_main
 from mmexit.serve.app import create_app
 from mmexit.serve.service import build_service
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "loadtest.py"
+SOAK = Path(__file__).resolve().parents[2] / "tools" / "soak.py"
 
 
-def load_tool(path: Path = TOOL):
+def load_tool(path: Path = SOAK):
     spec = importlib.util.spec_from_file_location(f"{path.stem}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -46,9 +47,8 @@ def server_url(tmp_path_factory):
 
 
 def test_open_loop_sweep_over_engines_with_json_and_png(server_url, tmp_path, capsys):
-    tool = load_tool()
     png = tmp_path / "sweep.png"
-    assert tool.main(["--url", server_url, "--sweep", "--rates", "10,30", "--duration", "1", "--engines",
+    assert mmexit_main(["bench", "load", "--url", server_url, "--sweep", "--rates", "10,30", "--duration", "1", "--engines",
                       "continuous,full", "--json", "--png", str(png), "--max-requests", "40"]) == 0
     report = json.loads(capsys.readouterr().out)
     runs = report["runs"]
@@ -62,19 +62,22 @@ def test_open_loop_sweep_over_engines_with_json_and_png(server_url, tmp_path, ca
     assert png.stat().st_size > 1000
 
 
-def test_closed_loop_table_and_loopback_only(server_url, capsys):
-    tool = load_tool()
-    assert tool.main(["--url", server_url, "--closed", "4", "--duration", "1", "--texts-per-request", "3"]) == 0
+def test_closed_loop_table_and_loopback_only(server_url, tmp_path, capsys):
+    texts = tmp_path / "texts.tsv"
+    texts.write_text("text\tlabel\ngood film\t1\ndull plot\t0\n")
+    assert mmexit_main(["bench", "load", "--url", server_url, "--closed", "4", "--duration", "1",
+                        "--texts-per-request", "3", "--texts", str(texts)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| run | offered/s | answers/s | texts/s |") and "default closed x4 | closed |" in out
     with pytest.raises(SystemExit):
-        tool.parse_args(["--url", "http://10.1.2.3:8000"])
+        mmexit_main(["bench", "load", "--url", "http://10.1.2.3:8000"])
     assert "only loopback addresses" in capsys.readouterr().err
+    assert mmexit_main(["bench", "load", "--url", server_url, "--texts", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
 
 
-def test_soak_mixes_malformed_requests_and_reports_windows(server_url, tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(TOOL.parent))  # soak.py imports loadtest
-    soak = load_tool(TOOL.parent / "soak.py")
+def test_soak_mixes_malformed_requests_and_reports_windows(server_url, tmp_path, capsys):
+    soak = load_tool()
     png, out = tmp_path / "soak.png", tmp_path / "soak.json"
     assert soak.main(["--url", server_url, "--rate", "20", "--duration", "3", "--window", "1", "--malformed", "0.3",
                       "--png", str(png), "--json", str(out)]) == 0

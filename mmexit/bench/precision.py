@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Compare inference precisions of one trained text run: accuracy, exit decisions, speed (docs/results/precision.md).
+"""``mmexit bench precision``: one trained text run at several inference precisions (docs/results/precision.md).
 
-    python tools/bench_precision.py RUN_DIR [--dtypes float32 bfloat16 int8] [--rule maxprob]
+    mmexit bench precision RUN [--dtypes float32 bfloat16 int8] [--rule SPEC]
         [--samples 128] [--repeats 5] [--threads 2] [--output docs/results/precision.md]
 
 Per dtype (``mmexit.models.precision``, applied to a copy of the float32 model): every exit's
@@ -21,19 +20,44 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from transformers import AutoTokenizer
 
-import torch  # noqa: E402
+from mmexit.calibration.rule_spec import build_rules, resolve_rule
+from mmexit.data.text import batches, load_text_task
+from mmexit.errors import MMExitError
+from mmexit.evaluation import text_eval
+from mmexit.evaluation.operating_point import Candidate, choose_operating_point
+from mmexit.evaluation.speed import layer_speedup
+from mmexit.evaluation.timing import machine_info, time_alternating
+from mmexit.inference.encoder import early_exit_forward
+from mmexit.inference.exit_loop import simulate_exits
+from mmexit.models.encoder import MultiExitEncoder
+from mmexit.models.precision import apply_precision
+from mmexit.serve.predictor import read_run
 
-from mmexit.errors import MMExitError  # noqa: E402
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a trained text run (e.g. outputs/quickstart)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                        help="precisions compared (float32 always, first)")
+    parser.add_argument("--rule", help="rule spec: NAME (the run's rule, its point re-chosen per dtype) or an "
+                                       "operating-point key (default: the run's first rule)")
+    parser.add_argument("--samples", type=int, default=128, help="test rows timed per batch size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", help="also write the table here (Markdown)")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    dtypes = ["float32", *[d for d in args.dtypes if d != "float32"]]
+    command = "mmexit bench precision " + " ".join(args.argv)
+    return bench(args.run, dtypes, args.rule, args.samples, args.repeats, args.output, command)
 
 
 def evaluate_dtype(model, rule, spec, recipe, calib_batches, test_batches, metrics, primary) -> dict:
     """Accuracy, chosen point, exits of one model at one precision."""
-    from mmexit.evaluation import text_eval
-    from mmexit.evaluation.operating_point import Candidate, choose_operating_point
-    from mmexit.evaluation.speed import layer_speedup
-    from mmexit.inference.exit_loop import simulate_exits
 
     calib = text_eval.collect_exit_outputs(model, calib_batches, desc="calib")
     test = text_eval.collect_exit_outputs(model, test_batches, desc="test")
@@ -54,8 +78,6 @@ def evaluate_dtype(model, rule, spec, recipe, calib_batches, test_batches, metri
 
 def time_all(models: dict, point_of: dict, batches_of: dict, repeats: int) -> dict:
     """Median seconds of every dtype's full and early-exit path per batch size, interleaved in one loop."""
-    from mmexit.evaluation.timing import time_alternating
-    from mmexit.inference.encoder import early_exit_forward
 
     times = {}
     for size, batches in batches_of.items():
@@ -76,20 +98,10 @@ def time_all(models: dict, point_of: dict, batches_of: dict, repeats: int) -> di
 
 def bench(run_dir: str, dtypes: list[str], rule_name: str | None, samples: int, repeats: int,
           output: str | None, command: str) -> int:
-    from mmexit.data.text import batches, load_text_task
-    from mmexit.evaluation.speed import layer_speedup
-    from mmexit.evaluation.timing import machine_info
-    from mmexit.models.encoder import MultiExitEncoder
-    from mmexit.models.precision import apply_precision
-    from mmexit.runner import quiet_libraries
-    from mmexit.serve.predictor import read_run
-    from mmexit.stages import build_rules, load_calibration
-    from transformers import AutoTokenizer
-
-    quiet_libraries()
+    """Evaluate and time every dtype; print (and write to ``output``) the table."""
     folder, recipe = read_run(run_dir)
     if recipe["task"] != "text_classification":
-        raise MMExitError(f"{folder}: tools/bench_precision.py compares text classifiers (this run is {recipe['task']})")
+        raise MMExitError(f"{folder}: mmexit bench precision compares text classifiers (this run is {recipe['task']})")
     data = load_text_task(recipe["data"])
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "model"))
     max_length = recipe["model"]["max_length"]
@@ -97,13 +109,9 @@ def bench(run_dir: str, dtypes: list[str], rule_name: str | None, samples: int, 
     test_examples = data.splits[recipe["evaluate"]["split"]]
     test_batches = list(batches(tokenizer, test_examples, 32, max_length))
     timing_batches = {size: list(batches(tokenizer, test_examples[:samples], size, max_length)) for size in (1, 32)}
-    rules = build_rules(recipe)
-    load_calibration(folder, rules)
-    matches = [(spec, rule) for spec, rule in rules if rule_name in (None, rule.name)]
-    if not matches:
-        raise MMExitError(f"--rule: the run has no rule {rule_name!r}; its rules: "
-                          f"{', '.join(rule.name for _, rule in rules)}")
-    spec, rule = matches[0]
+    recipe_rules = build_rules(recipe)
+    rule, _ = resolve_rule(folder, recipe, rule_name or recipe_rules[0][1].name)
+    spec = next((spec for spec, known in recipe_rules if known.name == rule.name), {})  # its sweep
     float32 = MultiExitEncoder.from_pretrained(folder / "model").eval()
     models, results = {}, {}
     for name in dtypes:
@@ -132,7 +140,6 @@ def bench(run_dir: str, dtypes: list[str], rule_name: str | None, samples: int, 
 
 def table(dtypes, results, reference, times, timing_batches, models, layer_speedup) -> list[str]:
     """The Markdown table: one line per dtype."""
-    from mmexit.inference.encoder import early_exit_forward
 
     header = ["dtype", "acc full", "acc exit", "point", "point fp32-calib", "layer x", "exits changed (same point)",
               "exits changed (own point)", "full x b1", "exit x b1", "eff b1", "full x b32", "exit x b32", "eff b32"]
@@ -161,28 +168,3 @@ def table(dtypes, results, reference, times, timing_batches, models, layer_speed
               "share of test rows whose exit differs from the float32 model's, at the dtype's point (same point) "
               "or with each model at its own calibrated point (own point)."]
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a trained text run (e.g. outputs/quickstart)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"])
-    parser.add_argument("--rule", help="the run's rule to compare (default: its first)")
-    parser.add_argument("--samples", type=int, default=128, help="test rows timed per batch size")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", help="also write the table here (Markdown)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.dtypes[0] != "float32":
-        args.dtypes = ["float32", *[d for d in args.dtypes if d != "float32"]]
-    command = "python tools/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        return bench(args.run_dir, args.dtypes, args.rule, args.samples, args.repeats, args.output, command)
-    except MMExitError as error:
-        print(f"bench_precision: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

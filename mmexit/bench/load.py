@@ -1,8 +1,8 @@
-"""Open-loop load test of an ``mmexit serve`` server on loopback (asyncio + aiohttp).
+"""``mmexit bench load``: open-loop load test of an ``mmexit serve`` server on loopback (asyncio + aiohttp).
 
-    python tools/loadtest.py --url http://127.0.0.1:8000 --rate 50 --duration 20
-    python tools/loadtest.py --url http://127.0.0.1:8000 --engines full,batch,continuous --closed 64
-    python tools/loadtest.py --url http://127.0.0.1:8000 --sweep --rates 20,40,60,80 --png sweep.png --json
+    mmexit bench load --url http://127.0.0.1:8000 --rate 50 --duration 20
+    mmexit bench load --url http://127.0.0.1:8000 --engines full,batch,continuous --closed 64
+    mmexit bench load --url http://127.0.0.1:8000 --sweep --rates 20,40,60,80 --png sweep.png --json
 
 Open loop: requests arrive as a Poisson process at ``--rate`` per second (seeded) whatever the server
 does; latency runs from each request's *scheduled* arrival to its answer, so a client that falls
@@ -17,7 +17,7 @@ latency of the 200s, answers by status (``timeout``/``conn`` for client-side fai
 ``client-limit`` for arrivals dropped at ``--concurrency-limit``), the exit-layer mix, and with
 ``--pid`` the server's peak RSS. Bounded: a run sends at most ``--max-requests`` and stops
 scheduling after ``--duration`` s; requests still open ``--timeout`` s later are abandoned.
-Only loopback URLs are accepted.
+Only loopback URLs are accepted. In process, without HTTP: ``mmexit bench engine``.
 
 The client is aiohttp: about 0.5 ms of CPU per request. An httpx client with thousands of pooled
 connections costs ~6 ms per request; on a 2-core machine shared with the server it fell behind at
@@ -35,10 +35,15 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
-import aiohttp
+from mmexit.bench.inputs import read_images, read_texts
+from mmexit.errors import RecipeError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -48,36 +53,13 @@ def check_loopback(parser: argparse.ArgumentParser, url: str) -> None:
     host = urlsplit(url).hostname or ""
     if host not in LOOPBACK and f"[{host}]" not in LOOPBACK:
         parser.error(f"--url: only loopback addresses are allowed here, got {host!r}")
-BUILTIN_TEXTS = [
-    "a gripping, beautifully shot film", "flat and dull from start to finish",
-    "the cast is wonderful but the story goes nowhere", "one of the most original thrillers in years",
-    "it is as if the director had never seen a comedy", "a warm, funny and surprisingly moving picture",
-    "too long by half, and the jokes fall flat", "an ambitious mess that still holds your attention",
-]
-
-
-def read_texts(path: Optional[str]) -> list[str]:
-    if not path:
-        return list(BUILTIN_TEXTS)
-    file = Path(path)
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines]
-        return [row if isinstance(row, str) else row["text"] for row in rows]
-    if file.suffix == ".tsv":
-        header = lines[0].split("\t")
-        column = header.index("text")
-        return [line.split("\t")[column] for line in lines[1:]]
-    return lines
-
-
-def read_images(folder: Optional[str]) -> list[bytes]:
-    if not folder:
-        raise SystemExit("loadtest: --task caption needs --images DIR")
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise SystemExit(f"loadtest: no .png/.jpg images in {folder}")
-    return [p.read_bytes() for p in files[:256]]
+def client_library() -> ModuleType:
+    """aiohttp (an optional dependency: the ``serve`` extra), or one line saying how to install it."""
+    try:
+        import aiohttp
+    except ImportError:
+        raise RecipeError("mmexit bench load needs aiohttp: pip install -e \".[serve]\"") from None
+    return aiohttp
 
 
 class Payloads:
@@ -90,7 +72,7 @@ class Payloads:
         if self.task == "caption":
             blobs = [self.images[(self.next + i) % len(self.images)] for i in range(self.per_request)]
             self.next += self.per_request
-            form = aiohttp.FormData()
+            form = client_library().FormData()
             for i, blob in enumerate(blobs):
                 form.add_field("images", blob, filename=f"{i}.png", content_type="image/png")
             return {"data": form}
@@ -110,6 +92,7 @@ class Recorder:
 
 
 async def send(client: aiohttp.ClientSession, url: str, payload: dict, scheduled: float, recorder: Recorder) -> None:
+    aiohttp = client_library()
     try:
         async with client.post(url, **payload) as response:
             status = str(response.status)
@@ -128,6 +111,7 @@ async def send(client: aiohttp.ClientSession, url: str, payload: dict, scheduled
 
 def session(connections: int, timeout: float) -> aiohttp.ClientSession:
     """A client session with at most ``connections`` open connections and ``timeout`` s per request."""
+    aiohttp = client_library()
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections, force_close=False),
                                  timeout=aiohttp.ClientTimeout(total=timeout))
 
@@ -266,6 +250,7 @@ def plot(rows: list[dict], png: str) -> None:
 
 async def wait_idle(base: str, engine: Optional[str], limit_s: float = 60.0) -> None:
     """Between runs: wait (bounded) until the server's queue is empty."""
+    aiohttp = client_library()
     async with session(4, 10.0) as client:
         end = time.perf_counter() + limit_s
         while time.perf_counter() < end:
@@ -313,8 +298,7 @@ async def main_async(args) -> list[dict]:
     return rows
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="loadtest", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="server base URL (loopback only), e.g. http://127.0.0.1:8000")
     parser.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second (default 20)")
     parser.add_argument("--sweep", action="store_true", help="run --rates (default 0.25..2 x --rate) in turn")
@@ -334,23 +318,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pid", type=int, help="server process id: report its peak RSS")
     parser.add_argument("--png", help="write latency and throughput vs offered load here (with --sweep)")
     parser.add_argument("--json", action="store_true", help="print the runs as one JSON document")
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for a non-loopback URL or a non-positive rate, duration or limit."""
     check_loopback(parser, args.url)
     if args.rate <= 0 or args.duration <= 0 or args.texts_per_request < 1 or args.concurrency_limit < 1:
         parser.error("--rate, --duration, --texts-per-request and --concurrency-limit must be positive")
-    return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    client_library()
     rows = asyncio.run(main_async(args))
     if args.json:
         print(json.dumps({"url": args.url, "task": args.task, "duration_s": args.duration, "runs": rows}, indent=2))
     if args.png:
         plot(rows, args.png)
-        print(f"loadtest: wrote {args.png}", file=sys.stderr)
+        print(f"mmexit bench load: wrote {args.png}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
