@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "mmexit bench caption random --patterns")
     jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     for name, (module, summary) in JOBS.items():
-        sub = jobs.add_parser(name, help=summary, description=(module.__doc__ or summary).split("\n\n")[0],
+        first = (module.__doc__ or summary).split("\n\n")[0]
+        sub = jobs.add_parser(name, help=summary, description=first.split("``: ", 1)[-1],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="\n\n".join((module.__doc__ or "").split("\n\n")[1:]))
         module.add_arguments(sub)

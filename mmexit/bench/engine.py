@@ -1,7 +1,8 @@
 """``mmexit bench engine``: the serving engines in process (no HTTP): saturation throughput, open-loop latency.
 
     mmexit bench engine RUN [--texts FILE] [--rule SPEC] [--engines full,batch,continuous] [--rows 1024]
-        [--repeats 3] [--max-batch 32] [--slots N] [--max-wait-ms MS] [--threads N] [--rate 100 --duration 20] [--json]
+        [--repeats 3] [--max-batch 32] [--slots N] [--max-wait-ms MS] [--max-wait-calls N] [--threads N]
+        [--rate 100 --duration 20] [--json]
 
 Saturation: ``--rows`` single-text requests are queued at once and the engine runs until the last
 is answered (texts/s; tokenization is done before the timer). Engines are timed alternately
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--slots", type=int, help="continuous engine: rows in flight (default: its own)")
-    parser.add_argument("--max-wait-ms", type=float, help="scheduler / batcher age bound")
+    parser.add_argument("--max-wait-ms", type=float, help="batch/full engines: wait for a fuller batch")
+    parser.add_argument("--max-wait-calls", type=int,
+                        help="continuous engine: age bound of a layer queue, in layer calls (default: 2 x layers)")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--no-group-lengths", dest="group_lengths", action="store_false",
                         help="continuous engine: do not group rows of similar length per call")
@@ -121,9 +124,10 @@ def run(args: argparse.Namespace) -> int:
         raise RecipeError(f"{args.run}: a {predictor.task} run; mmexit bench engine times the text engines")
     names = [name for name in args.engines.split(",") if name]
     limits = Limits(max_queue_wait=0)  # no load shedding: every queued row is measured
+    scheduler = {} if args.max_wait_calls is None else {"max_wait_calls": args.max_wait_calls}
     service = build_service(predictor, names[0], args.max_batch, max_queue=max(args.rows, 100_000), limits=limits,
                             slots=args.slots, max_wait_ms=args.max_wait_ms, engines=names,
-                            group_lengths=args.group_lengths).start()
+                            group_lengths=args.group_lengths, **scheduler).start()
     try:
         texts = read_texts(args.texts)
         texts = (texts * -(-args.rows // len(texts)))[:args.rows]  # a short file is repeated

@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_dtype(model, rule, spec, recipe, calib_batches, test_batches, metrics, primary) -> dict:
     """Accuracy, chosen point, exits of one model at one precision."""
-
     calib = text_eval.collect_exit_outputs(model, calib_batches, desc="calib")
     test = text_eval.collect_exit_outputs(model, test_batches, desc="test")
     layers = list(model.exit_layers)
@@ -78,10 +77,9 @@ def evaluate_dtype(model, rule, spec, recipe, calib_batches, test_batches, metri
 
 def time_all(models: dict, point_of: dict, batches_of: dict, repeats: int) -> dict:
     """Median seconds of every dtype's full and early-exit path per batch size, interleaved in one loop."""
-
     times = {}
-    for size, batches in batches_of.items():
-        inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    for size, size_batches in batches_of.items():
+        inputs = [{k: v for k, v in b.items() if k != "labels"} for b in size_batches]
         candidates = {}
         for name, model in models.items():
             def full(model=model):
@@ -122,7 +120,7 @@ def bench(run_dir: str, dtypes: list[str], rule_name: str | None, samples: int, 
               f"{100 * results[name]['early']:.2f}", file=sys.stderr)
     reference = results["float32"]
     times = time_all(models, {name: r["point"] for name, r in results.items()}, timing_batches, repeats)
-    lines = table(dtypes, results, reference, times, timing_batches, models, layer_speedup)
+    lines = table(dtypes, results, reference, times, timing_batches, models)
     machine = machine_info()
     text = "\n".join([
         f"Run: {folder} ({recipe['model']['backbone']}, {data.name}; {len(test_examples)} test rows). "
@@ -138,9 +136,8 @@ def bench(run_dir: str, dtypes: list[str], rule_name: str | None, samples: int, 
     return 0
 
 
-def table(dtypes, results, reference, times, timing_batches, models, layer_speedup) -> list[str]:
+def table(dtypes, results, reference, times, timing_batches, models) -> list[str]:
     """The Markdown table: one line per dtype."""
-
     header = ["dtype", "acc full", "acc exit", "point", "point fp32-calib", "layer x", "exits changed (same point)",
               "exits changed (own point)", "full x b1", "exit x b1", "eff b1", "full x b32", "exit x b32", "eff b32"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
