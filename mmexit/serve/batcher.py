@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from mmexit.exits.base import ExitRule
+from mmexit.inference.encoded_rows import EncodedRow, RowOutput, pad_rows
 from mmexit.inference.encoder import early_exit_forward
 from mmexit.models.encoder import MultiExitEncoder
 from mmexit.serve.engine_base import BaseEngine
-from mmexit.serve.text_rows import EncodedRow, RowOutput, pad_rows
 
 BatchFn = Callable[[Sequence[Any]], list]
 

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mmexit.inference.continuous_decoder import ContinuousDecoder
+from mmexit.inference.scheduler import SchedulerSettings
 from mmexit.serve.caption_predictor import open_image
 from mmexit.serve.engine_base import LOG, BaseEngine, Request
 
@@ -34,12 +35,13 @@ def continuous_captions_supported(recipe: dict) -> Optional[str]:
 
 class ContinuousCaptionEngine(BaseEngine):
     """Images -> caption dicts (``caption``, ``tokens``, ``layers``) through a continuous decoder of
-    ``slots`` rows; ``calls_per_step``: layer calls between two looks at the request queue."""
+    ``slots`` rows; ``calls_per_step``: layer calls between two looks at the request queue;
+    ``max_wait_calls``: the scheduler's age bound in layer calls (None: twice the decoder's layers)."""
 
     kind = "continuous"
 
     def __init__(self, predictor, slots: int = 16, max_queue: int = 1024, max_queue_wait: Optional[float] = None,
-                 calls_per_step: Optional[int] = None) -> None:
+                 calls_per_step: Optional[int] = None, max_wait_calls: Optional[int] = None) -> None:
         reason = continuous_captions_supported(predictor.recipe)
         if reason:
             raise ValueError(f"the continuous caption engine cannot serve this run: {reason}")
@@ -47,6 +49,7 @@ class ContinuousCaptionEngine(BaseEngine):
         self.predictor = predictor
         self.slots = int(slots)
         self.calls_per_step = calls_per_step or predictor.model.num_layers
+        self.settings = SchedulerSettings(max_wait=max_wait_calls)
         self.owners: dict[int, tuple[Request, int]] = {}  # decoder image id -> (request, row)
         self.decoder = self._new_decoder()
 
@@ -55,7 +58,7 @@ class ContinuousCaptionEngine(BaseEngine):
         rule = None if predictor.operating_point == "full" else predictor.rule
         tokenizer = predictor.processor
         return ContinuousDecoder(predictor.model, rule, predictor.recipe["evaluate"]["max_len"], self.slots,
-                                 tokenizer.bos_id, tokenizer.eos_id)
+                                 tokenizer.bos_id, tokenizer.eos_id, scheduler=self.settings)
 
     def describe(self) -> dict:
         return super().describe() | {"slots": self.slots, "in_flight": len(self.owners)}

@@ -11,6 +11,11 @@ import threading
 import time
 from typing import Any, Optional
 
+import torch
+
+from mmexit.serve.load import load
+from mmexit.serve.service import build_service
+
 #: seconds between the worker's reports of layer calls and exits not yet sent with an answer
 STATS_EVERY = 0.2
 
@@ -30,11 +35,6 @@ def worker_main(connection, run_dir: str, rule: Optional[str], device: Optional[
     events wait; ("stopped", all_stopped).
     stats: {engine: (busy_rows, busy_seconds, calls [(layer, rows)], exits [(layer, rows)])}.
     """
-    import torch
-
-    from mmexit.serve.load import load
-    from mmexit.serve.service import build_service
-
     try:
         if threads:
             torch.set_num_threads(int(threads))

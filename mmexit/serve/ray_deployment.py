@@ -40,7 +40,7 @@ class MMExitReplica:
     def __init__(self, run_dir: str, rule: Optional[str] = None, engine: str = "continuous", max_batch: int = 32,
                  max_queue: int = 1024, timeout: float = 30.0, device: Optional[str] = None,
                  threads: Optional[int] = None, slots: Optional[int] = None,
-                 max_wait_ms: Optional[float] = None) -> None:
+                 max_wait_ms: Optional[float] = None, max_wait_calls: Optional[int] = None) -> None:
         import torch
 
         from mmexit.serve.load import load
@@ -49,7 +49,7 @@ class MMExitReplica:
             torch.set_num_threads(int(threads))
         predictor = load(run_dir, rule=rule, device=device)
         self.service = build_service(predictor, engine, max_batch, max_queue, Limits(timeout=timeout), slots,
-                                     max_wait_ms).start()  # shed load past timeout / 2 of queued work
+                                     max_wait_ms, max_wait_calls=max_wait_calls).start()  # shed load past timeout / 2
 
     def __serve_build_asgi_app__(self):
         from mmexit.serve.app import create_app
@@ -76,8 +76,9 @@ class MMExitReplica:
 def mmexit_app(run_dir: str, *, rule: Optional[str] = None, engine: str = "continuous", max_batch: int = 32,
                max_queue: int = 1024, timeout: float = 30.0, device: Optional[str] = None,
                threads: Optional[int] = None, slots: Optional[int] = None, max_wait_ms: Optional[float] = None,
-               num_replicas: Optional[int] = None, autoscaling_config: Optional[dict] = None,
-               ray_actor_options: Optional[dict] = None, max_ongoing_requests: int = 256,
+               max_wait_calls: Optional[int] = None, num_replicas: Optional[int] = None,
+               autoscaling_config: Optional[dict] = None, ray_actor_options: Optional[dict] = None,
+               max_ongoing_requests: int = 256,
                name: str = "mmexit"):
     """A bound Ray Serve application: ``num_replicas`` fixed replicas or an ``autoscaling_config``."""
     from ray import serve
@@ -91,7 +92,7 @@ def mmexit_app(run_dir: str, *, rule: Optional[str] = None, engine: str = "conti
     else:
         options["num_replicas"] = int(num_replicas or 1)
     return deployment.options(**options).bind(str(run_dir), rule, engine, int(max_batch), int(max_queue),
-                                              float(timeout), device, threads, slots, max_wait_ms)
+                                              float(timeout), device, threads, slots, max_wait_ms, max_wait_calls)
 
 
 def build_app(args: dict):
@@ -99,6 +100,6 @@ def build_app(args: dict):
     args = dict(args)
     run_dir = args.pop("run_dir")
     numbers = {"max_batch": int, "max_queue": int, "timeout": float, "threads": int, "slots": int,
-               "max_wait_ms": float, "num_replicas": int, "max_ongoing_requests": int}
+               "max_wait_ms": float, "max_wait_calls": int, "num_replicas": int, "max_ongoing_requests": int}
     typed = {key: numbers[key](value) if key in numbers else value for key, value in args.items()}
     return mmexit_app(run_dir, **typed)

@@ -41,8 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "(default: half of --timeout; 0: rows only)")
     parser.add_argument("--slots", type=int, help="continuous engine: rows in flight (default 8 x --max-batch)")
     parser.add_argument("--max-wait-ms", type=float,
-                        help="continuous: age bound of a layer queue (default 100); batch/full/caption: wait "
-                             "for a fuller batch (default 5)")
+                        help="batch/full/caption: wait for a fuller batch (default 5)")
+    parser.add_argument("--max-wait-calls", type=int,
+                        help="continuous engines (text and caption): age bound of a layer queue, in layer calls "
+                             "(default: twice the model's layers)")
     parser.add_argument("--no-group-lengths", dest="group_lengths", action="store_false",
                         help="continuous: take a queue's oldest rows, never group rows of similar length")
     parser.add_argument("--max-connections", type=int, default=1024,
@@ -71,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--engines: unknown {unknown[0]!r}; allowed: {', '.join(ENGINES)}")
     if args.max_restarts < 0:
         parser.error("--max-restarts must be >= 0")
+    if args.max_wait_calls is not None and args.max_wait_calls < 0:
+        parser.error("--max-wait-calls must be >= 0")
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
     if not 0 <= args.port <= 65535:
@@ -105,7 +109,7 @@ def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits)
 
     build = dict(engine=args.engine, max_batch=args.max_batch, max_queue=10**9,
                  limits=replace(limits, max_queue_wait=0), slots=args.slots, max_wait_ms=args.max_wait_ms,
-                 engines=args.engines, group_lengths=args.group_lengths)
+                 engines=args.engines, group_lengths=args.group_lengths, max_wait_calls=args.max_wait_calls)
     kinds = {name: engine.kind for name, engine in service.engines.items()}
     service.engines = process_engines(str(service.predictor.run_dir), args.rule, args.device, args.threads, build,
                                       kinds, args.max_batch, args.max_queue, limits.queue_wait, args.max_restarts)
@@ -132,7 +136,7 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
         limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout,
                         max_queue_wait=args.max_queue_wait)
         service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
-                                args.max_wait_ms, args.engines, args.group_lengths)
+                                args.max_wait_ms, args.engines, args.group_lengths, args.max_wait_calls)
         if args.engine_process:
             move_engines_to_a_process(service, args, limits)
         sock = listen(args.host, args.port)

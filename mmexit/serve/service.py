@@ -264,9 +264,12 @@ class CaptionService(Service):
 
 def build_service(predictor, engine: str = "continuous", max_batch: int = 32, max_queue: int = 1024,
                   limits: Optional[Limits] = None, slots: Optional[int] = None, max_wait_ms: Optional[float] = None,
-                  engines: Optional[Sequence[str]] = None, group_lengths: bool = True) -> Service:
+                  engines: Optional[Sequence[str]] = None, group_lengths: bool = True,
+                  max_wait_calls: Optional[int] = None) -> Service:
     """The service of a loaded run (not started). Text runs get ``engines`` (default: all three, so one
-    server compares them: ``POST /v1/classify?engine=full``), ``engine`` answering by default."""
+    server compares them: ``POST /v1/classify?engine=full``), ``engine`` answering by default.
+    max_wait_ms: how long the request batchers wait for a fuller batch (default 5); max_wait_calls:
+    the continuous engines' age bound of a layer queue, in layer calls (default: twice the layers)."""
     limits = limits or Limits()
     if predictor.task == "captioning":
         batcher = BatchEngine(caption_batch(predictor), "caption", max_batch, max_queue,
@@ -276,7 +279,7 @@ def build_service(predictor, engine: str = "continuous", max_batch: int = 32, ma
         if engine == "continuous" and "continuous" in (engines or ENGINES) and recipe is not None and \
                 continuous_captions_supported(recipe) is None:
             captioners["continuous"] = ContinuousCaptionEngine(predictor, slots or max_batch, max_queue,
-                                                               limits.queue_wait)
+                                                               limits.queue_wait, max_wait_calls=max_wait_calls)
         return CaptionService(predictor, captioners, limits, "caption")
     names = list(engines or ENGINES)
     if engine not in names:
@@ -290,8 +293,7 @@ def build_service(predictor, engine: str = "continuous", max_batch: int = 32, ma
     for name in names:
         if name == "continuous":
             built[name] = ContinuousEngine(model, rule, predictor.max_length, max_batch, max_queue, slots,
-                                           100.0 if max_wait_ms is None else max_wait_ms, pad_id, group_lengths,
-                                           limits.queue_wait)
+                                           max_wait_calls, pad_id, group_lengths, limits.queue_wait)
         else:
             built[name] = text_batch_engine(model, rule, predictor.max_length, name == "full", max_batch, max_queue,
                                             5.0 if max_wait_ms is None else max_wait_ms, pad_id, limits.queue_wait)

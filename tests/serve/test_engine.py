@@ -4,7 +4,7 @@ Reference: each text run alone (batch 1, no padding) through ``early_exit_forwar
 continuous engine mixes rows of many requests in each layer call, pads per call and moves rule
 state (PABEE counters, BEEM scores) with its rows; labels and exit layers must be equal and
 logits equal up to float noise, for random arrival orders, request sizes, max rows per call,
-slot counts and age bounds.
+slot counts and age bounds (in layer calls).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from mmexit.exits.beem import BEEMRule
 from mmexit.exits.confidence import EntropyRule, MaxProbRule
 from mmexit.exits.patience import PatienceRule
 from mmexit.exits.pcee import PCEERule
+from mmexit.inference.encoded_rows import pad_rows
 from mmexit.inference.encoder import early_exit_forward
 from mmexit.serve.batcher import text_batch_engine
 from mmexit.serve.engine import ContinuousEngine, EngineFull, EngineStopped
-from mmexit.serve.text_rows import encode_rows, pad_rows
+from mmexit.serve.text_rows import encode_rows
 
 MAX_LENGTH = 40
 
@@ -93,7 +94,7 @@ def test_continuous_engine_equals_each_row_alone(setup, calibration_rows, rule_n
     for trial in range(4):
         max_batch = 16 if trial == 0 else rng.choice([1, 3, 8, 16])
         engine = ContinuousEngine(model, rule, MAX_LENGTH, max_batch=max_batch,
-                                  slots=max_batch * rng.choice([1, 2, 4, 8]), max_wait_ms=rng.choice([0.0, 5.0, 100.0]),
+                                  slots=max_batch * rng.choice([1, 2, 4, 8]), max_wait_calls=rng.choice([0, 2, None]),
                                   group_lengths=trial != 1)
         calls: list[tuple[int, int]] = []
         engine.on_call = lambda layer, count: calls.append((layer, count))
@@ -108,7 +109,7 @@ def test_continuous_engine_equals_each_row_alone(setup, calibration_rows, rule_n
             torch.testing.assert_close(output.logits, logits, atol=1e-4, rtol=1e-4)
         assert all(count <= max_batch for _, count in calls)
         mixed += max(count for layer, count in calls if layer > 0) > 5  # rows of several requests shared a call
-        assert engine.depth == 0 and len(engine.free) == engine.slots
+        assert engine.depth == 0 and engine.core.pool.free_count == engine.slots
     assert mixed >= 1
 
 
@@ -182,7 +183,7 @@ def test_a_failing_call_fails_its_requests_and_the_engine_goes_on(setup):
     with pytest.raises(RuntimeError, match="boom"):
         bad.result(timeout=10)
     good = engine.submit(rows[2:6]).result(timeout=10)
-    assert len(good) == 4 and engine.depth == 0 and len(engine.free) == engine.slots
+    assert len(good) == 4 and engine.depth == 0 and engine.core.pool.free_count == engine.slots
     engine.stop()
 
 
@@ -206,7 +207,8 @@ def test_length_grouping_pads_less_and_answers_the_same(setup):
         engine.start()
         answers[group] = [future.result(timeout=30)[0] for future in futures]
         engine.stop()
-        efficiency[group] = engine.tokens[0] / engine.tokens[1]
+        tokens = engine.core.runner.tokens
+        efficiency[group] = tokens[0] / tokens[1]
     assert efficiency[True] > efficiency[False] + 0.05, efficiency
     assert [a.exit_layer for a in answers[True]] == [a.exit_layer for a in answers[False]]
     for grouped, fifo in zip(answers[True], answers[False]):

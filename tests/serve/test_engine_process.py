@@ -71,7 +71,7 @@ def test_the_http_process_drops_its_weights_once_the_worker_runs_the_engines(tin
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, timeout=args.timeout,
                     max_queue_wait=args.max_queue_wait)
     service = build_service(predictor, args.engine, args.max_batch, args.max_queue, limits, args.slots,
-                            args.max_wait_ms, args.engines, args.group_lengths)
+                            args.max_wait_ms, args.engines, args.group_lengths, args.max_wait_calls)
     move_engines_to_a_process(service, args, limits)
     try:
         assert predictor.weights_released
