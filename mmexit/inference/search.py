@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule
 from mmexit.inference.stepper import CachedStepper
+from mmexit.models.kv_cache import ORACLE, PROPAGATE
 
 
 @dataclass
@@ -48,7 +49,7 @@ def _exit_positions(model, layers: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_len: int = 20,
-                  bos_id: int = 1, eos_id: int = 2, policy: str = "propagate",
+                  bos_id: int = 1, eos_id: int = 2, policy: str = PROPAGATE,
                   stepper_class: type = CachedStepper) -> DecodeResult:
     """Greedy captions for features [B, patches, width]; rule None = the full model (no internal heads)."""
     batch, device = features.shape[0], features.device
@@ -76,13 +77,13 @@ def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_
     tokens_list = [row[mask].tolist() for row, mask in zip(out_tokens, valid)]
     layer_list = [row[mask].tolist() for row, mask in zip(out_layers, valid)]
     flat = out_layers[valid]
-    return DecodeResult(tokens_list, flat, _exit_positions(model, flat), layer_list, simulated=policy == "oracle",
+    return DecodeResult(tokens_list, flat, _exit_positions(model, flat), layer_list, simulated=policy == ORACLE,
                         catchup_layers=stepper.catchup_layers, step_layers=step_layers)
 
 
 @torch.inference_mode()
 def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_size: int = 3, max_len: int = 20,
-                bos_id: int = 1, eos_id: int = 2, length_penalty: float = 1.0, policy: str = "propagate",
+                bos_id: int = 1, eos_id: int = 2, length_penalty: float = 1.0, policy: str = PROPAGATE,
                 stepper_class: type = CachedStepper) -> DecodeResult:
     """Beam search with per-beam early exit; the best finished hypothesis per image.
 
@@ -152,5 +153,5 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
                 finished[image].append((score / len(hypothesis) ** length_penalty, hypothesis))
     best = [max(hyps, key=lambda item: item[0])[1] if hyps else [] for hyps in finished]
     flat = torch.cat(all_layers) if all_layers else torch.zeros(0, dtype=torch.long)
-    return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == "oracle",
+    return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == ORACLE,
                         catchup_layers=stepper.catchup_layers, step_layers=step_layers)

@@ -6,7 +6,7 @@ layer runs; the survivors' cache rows are read with an index. The rule sees the 
 active (``ExitRule.start`` once per token). The last exit always stops.
 
 Layers a row skipped have no key/value entry for that position, which later tokens attend to.
-Policies (``policy``):
+Policies (``policy``; their names: ``mmexit.models.kv_cache.KV_POLICIES``):
 - ``propagate`` (default, CALM's state propagation): for every skipped layer, K/V at this
   position are computed from the exit's hidden state with that layer's own norm and K/V
   projection (no attention, no MLP). This cost is not counted in the layer speed-up (about 2/16
@@ -35,9 +35,7 @@ from torch import Tensor
 
 from mmexit.exits.base import ExitRule
 from mmexit.inference.exit_loop import ActiveRows
-from mmexit.models.kv_cache import DecoderCache, propagate
-
-POLICIES = ("propagate", "deferred", "oracle")
+from mmexit.models.kv_cache import DEFERRED, KV_POLICIES, ORACLE, PROPAGATE, DecoderCache, propagate
 
 
 class CachedStepper:
@@ -48,12 +46,12 @@ class CachedStepper:
     """
 
     def __init__(self, model, features: Tensor, rule: Optional[ExitRule], max_len: int,
-                 policy: str = "propagate") -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+                 policy: str = PROPAGATE) -> None:
+        if policy not in KV_POLICIES:
+            raise ValueError(f"policy must be one of {tuple(KV_POLICIES)}, got {policy!r}")
         self.model, self.rule, self.policy = model, rule, policy
         self.adapter = model.adapter
-        self.cache = DecoderCache(self.adapter, features, max_len, deferred=policy == "deferred")
+        self.cache = DecoderCache(self.adapter, features, max_len, deferred=policy == DEFERRED)
         self.exit_of_layer = {layer: index for index, layer in enumerate(model.exits)}
         self.layer_of_exit = torch.tensor(model.exits, device=features.device)
         self.catchup_layers = 0  # deferred: positions x layers caught up so far
@@ -66,7 +64,7 @@ class CachedStepper:
 
     def _deferred_depth(self, t: int) -> Optional[Tensor]:
         """[R, t] depth of earlier caption positions when some still wait for deeper layers, else None."""
-        if self.policy != "deferred" or not self._maybe_waiting or t == 0:
+        if self.policy != DEFERRED or not self._maybe_waiting or t == 0:
             return None
         offset = self.cache.offset
         depth = self.cache.depth[:, offset:offset + t].clone()
@@ -80,7 +78,7 @@ class CachedStepper:
         total, device = tokens.shape[0], tokens.device
         hidden = model.embed(tokens, torch.tensor(t, device=device))  # [R, width]
         position = self.cache.offset + t  # cache position of this token
-        oracle = self.policy == "oracle"
+        oracle = self.policy == ORACLE
         active = ActiveRows(rule, total, model.num_exits, device, keep_all=oracle)
         rows: Optional[Tensor] = None  # cache rows of `hidden`'s rows (None: all, in order)
         exited: list[tuple[Tensor, Tensor, int]] = []
@@ -109,9 +107,9 @@ class CachedStepper:
             if keep is None:
                 continue
             stopped_hidden = hidden[~keep]
-            if self.policy == "propagate":
+            if self.policy == PROPAGATE:
                 exited.append((active.stopped, stopped_hidden, layer))
-            elif self.policy == "deferred":
+            elif self.policy == DEFERRED:
                 self.cache.waiting[active.stopped, position] = stopped_hidden
                 self.cache.depth[active.stopped, position] = layer
                 self._maybe_waiting = True

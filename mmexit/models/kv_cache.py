@@ -10,9 +10,11 @@ adapter.prefix_length(features)`` (0 for GPT-2) and ``adapter.prefill(cache, fea
 prefix's K/V at every layer once. Caption position ``t`` lives at cache position ``offset + t``;
 the adapters' ``step``/``span``/``chunk``/``project_kv`` always take cache positions.
 
-Under the ``deferred`` policy the cache also holds ``depth`` [rows, offset + max_len] (layers whose
-K/V are true at each position; the prefix is complete) and ``waiting`` [rows, offset + max_len,
-width] (the hidden state of a position still waiting for deeper layers).
+The K/V policies (``KV_POLICIES``, defined here once; ``mmexit.inference.stepper`` runs them) say
+how a token's skipped layers get their K/V. Under the ``deferred`` policy the cache also holds
+``depth`` [rows, offset + max_len] (layers whose K/V are true at each position; the prefix is
+complete) and ``waiting`` [rows, offset + max_len, width] (the hidden state of a position still
+waiting for deeper layers).
 
 Rows are a batch of sequences (or beams); ``select`` keeps or reorders them.
 
@@ -37,6 +39,16 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+#: THE K/V policies (recipe ``evaluate.policy``): name -> what a token's skipped layers leave in the
+#: cache; the first is the default. Every list of policy names derives from this one.
+KV_POLICIES: dict[str, str] = {
+    "propagate": "state propagation (CALM: K/V projected from the exit's hidden state)",
+    "deferred": "deferred compute (FREE: caught up in a chunk when a later token goes deeper; exact K/V)",
+    "oracle": "all layers run (true K/V; the exits' savings are simulated)",
+}
+PROPAGATE, DEFERRED, ORACLE = KV_POLICIES
+KV_POLICY_DOC = "K/V of skipped layers: " + "; ".join(f"{name}: {doc}" for name, doc in KV_POLICIES.items())
 
 
 class DecoderCache:
