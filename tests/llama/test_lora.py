@@ -314,8 +314,8 @@ def test_recipe_lora_key_validates_with_defaults():
     ("model.decoder.lora.dropout=1.5", r"^model\.decoder\.lora\.dropout: must be in \[0, 1\), got 1\.5$"),
     ("model.decoder.lora.rank=8", r"^model\.decoder\.lora\.rank: unknown key.*; allowed: alpha, dropout, r, targets$"),
     ("model.decoder.lora.targets=[q_prj]", r"^model\.decoder\.lora\.targets: unknown module 'q_prj'; allowed: "
-                                           r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj \(llama\); "
-                                           r"c_attn, q_attn, c_proj, c_fc \(gpt2\)$"),
+                                           r"c_attn, q_attn, c_proj, c_fc \(gpt2\); "
+                                           r"q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj \(llama\)$"),
     ("model.decoder.lora.targets=[]", r"^model\.decoder\.lora\.targets: expected a non-empty list of module names"),
     ("model.decoder.lora=8", r"^model\.decoder\.lora: expected dict, got int 8$"),
 ])

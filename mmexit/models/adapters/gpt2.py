@@ -1,22 +1,9 @@
 """The GPT-2 decoder (with cross-attention to image features) behind mmexit's decoder adapter.
 
-A decoder adapter gives the decoding engine (``mmexit.inference``) everything it needs to run a
-decoder one layer and one new position at a time against a KV cache that mmexit manages:
-- ``embed(tokens, positions)``, ``final_norm``, ``lm_head``, ``layer(index, hidden, features)``
-  (teacher-forced, whole sequences; transformers' own block);
-- ``init_cache_layer(features)``: per-layer constant K/V (here: cross-attention K/V of the image);
-- ``prefix_length(features)`` / ``prefill(cache, features)``: cache positions an image prefix
-  takes and the writing of its K/V (GPT-2 reads the image by cross-attention: 0, nothing);
-- ``step(index, hidden, cache, rows, t)``: one new position through one layer;
-- ``step_rows(index, hidden, cache, rows, positions)``: one new position per row through one
-  layer, each row at its own cache position (the continuous decoder);
-- ``span(index, hidden, cache, rows, start)``: n consecutive new positions through one layer
-  (speculative verification);
-- ``chunk(index, hidden, cache, row_ids, t, waiting)``: the new position plus earlier positions
-  waiting at this layer, as one causal chunk (the deferred policy);
-- ``project_kv(index, hidden, t)``: K/V of a layer at position t (an int, or one per row) computed
-  from a hidden state (state propagation).
-Positions given to these are cache positions. The block maths calls the block's own modules
+``GPT2DecoderAdapter`` implements ``mmexit.models.adapters.decoder_protocol.DecoderAdapter`` (the
+interface the captioner and the decoding engine call, with shapes) for GPT-2 blocks with
+cross-attention: the image's cross-attention K/V are the cache's per-layer constants
+(``init_cache_layer``) and there is no prefix (``prefix_length`` is 0). The block maths calls the block's own modules
 (``ln_1``, ``attn.c_attn``, ``crossattention``, ``mlp``) with their own weights; nothing of
 transformers is copied. The cached paths apply a ``Conv1D`` as one ``addmm`` and the tanh-GELU as
 one fused kernel (``dense``, ``mlp``): the same maths as the modules, without their call overhead.
@@ -33,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
+from mmexit.models.adapters.decoder_protocol import DecoderAdapter
 from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 
@@ -79,7 +67,7 @@ def dense(module: nn.Module, x: Tensor) -> Tensor:
     return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], module.nf)
 
 
-class GPT2DecoderAdapter:
+class GPT2DecoderAdapter(DecoderAdapter):
     """GPT-2 blocks: pre-norm self-attention (fused ``c_attn``), cross-attention, MLP."""
 
     def __init__(self, decoder: nn.Module) -> None:
@@ -236,7 +224,7 @@ class GPT2DecoderAdapter:
         chunk = chunk + self.mlp(block, block.ln_2(chunk))
         return layout.finish(index, chunk), layout.caught_up
 
-    def project_kv(self, index: int, hidden: Tensor, t: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+    def project_kv(self, index: int, hidden: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """K/V of layer ``index`` from hidden [n, width] (no attention, no MLP): 2 x [n, heads, hd].
         GPT-2's K/V do not depend on the position t (an int or [n]; learned absolute embeddings)."""
         block = self.blocks[index]

@@ -1,11 +1,11 @@
 """LLaMA-family decoders (``LlamaForCausalLM``) behind mmexit's decoder adapter.
 
-The same seam as ``mmexit.models.adapters.gpt2`` (see there for the list of calls, ``step_rows``
-included), for a decoder with RMSNorm, rotary positions (RoPE), grouped-query attention
-(``num_kv_heads`` <= ``num_heads``) and a SwiGLU MLP. The maths calls the model's own modules:
-``input_layernorm``, ``self_attn.q_proj/k_proj/v_proj/o_proj``, ``post_attention_layernorm``,
-``mlp``, ``model.norm``, ``lm_head``, ``model.rotary_emb`` (cos/sin) and transformers'
-``apply_rotary_pos_emb``.
+``LlamaDecoderAdapter`` implements ``mmexit.models.adapters.decoder_protocol.DecoderAdapter`` (the
+interface the captioner and the decoding engine call, with shapes) for a decoder with RMSNorm,
+rotary positions (RoPE), grouped-query attention (``num_kv_heads`` <= ``num_heads``) and a SwiGLU
+MLP. The maths calls the model's own modules: ``input_layernorm``,
+``self_attn.q_proj/k_proj/v_proj/o_proj``, ``post_attention_layernorm``, ``mlp``, ``model.norm``,
+``lm_head``, ``model.rotary_emb`` (cos/sin) and transformers' ``apply_rotary_pos_emb``.
 
 A LLaMA decoder has no cross-attention: the image (or a text prompt) is a *prefix* of input
 embeddings [rows, P, width] at positions 0..P-1. ``prefix_length`` is P; ``prefill`` runs the
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
+from mmexit.models.adapters.decoder_protocol import DecoderAdapter
 from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
 
 #: LlamaConfig keys that rebuild a decoder's shape (saved with a trained captioner)
@@ -56,10 +57,8 @@ def build_llama_decoder(vocab_size: int, pretrained: str | None = None, special_
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, attn_implementation="sdpa", **ids, **config))
 
 
-class LlamaDecoderAdapter:
+class LlamaDecoderAdapter(DecoderAdapter):
     """LLaMA blocks: RMSNorm -> RoPE grouped-query self-attention -> RMSNorm -> SwiGLU MLP."""
-
-    families = ("llama",)
 
     def __init__(self, decoder: nn.Module) -> None:
         self.decoder = decoder
@@ -127,7 +126,7 @@ class LlamaDecoderAdapter:
         return self.blocks[index](hidden, attention_mask=None, position_embeddings=(cos[None], sin[None]))
 
     # ---------------------------------------------------------------- cached one-position maths
-    def init_cache_layer(self, index: int, features: Tensor) -> None:
+    def init_cache_layer(self, index: int, features: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """No per-layer constants (no cross-attention)."""
         return None
 
