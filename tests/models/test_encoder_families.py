@@ -15,12 +15,12 @@ import transformers as hf
 from mmexit_testing import one_torch_thread, random_batch, run_interleaved
 from mmexit.exits.confidence import EntropyRule, MaxProbRule, NeverExitRule
 from mmexit.exits.patience import PatienceRule
+from mmexit.inference.encoded_rows import EncodedRow
 from mmexit.inference.encoder import early_exit_forward
 from mmexit.inference.exit_loop import simulate_exits
 from mmexit.models.encoder import MultiExitEncoder
 from mmexit.models.loading import TINY_SIZES, tiny_backbone, truncate_backbone
 from mmexit.serve.engine import ContinuousEngine
-from mmexit.serve.text_rows import EncodedRow
 
 FAMILIES = ["albert", "albert-groups", "deberta", "deberta-v2-conv", "deberta-v1", "distilbert", "modernbert"]
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
