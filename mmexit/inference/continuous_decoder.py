@@ -37,8 +37,9 @@ from mmexit.inference.continuous_core import ContinuousCore
 from mmexit.inference.decoder_layer_runner import Caption, DecoderLayerRunner
 from mmexit.inference.scheduler import SchedulerSettings
 from mmexit.inference.search import DecodeResult, _exit_positions
+from mmexit.models.kv_cache import PROPAGATE
 
-POLICIES = ("propagate",)
+POLICIES = (PROPAGATE,)
 
 
 class ContinuousDecoder(ContinuousCore):
@@ -56,7 +57,7 @@ class ContinuousDecoder(ContinuousCore):
     """
 
     def __init__(self, model, rule: Optional[ExitRule], max_len: int, slots: int = 16, bos_id: int = 1,
-                 eos_id: int = 2, policy: str = "propagate", scheduler: SchedulerSettings = SchedulerSettings(),
+                 eos_id: int = 2, policy: str = PROPAGATE, scheduler: SchedulerSettings = SchedulerSettings(),
                  keep_logits: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"the continuous decoder supports policy 'propagate' only (per-row K/V by state "
@@ -82,7 +83,7 @@ def captions_to_result(model, captions: list[Caption]) -> DecodeResult:
 
 
 def continuous_greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_len: int = 20,
-                             bos_id: int = 1, eos_id: int = 2, policy: str = "propagate", slots: int = 16,
+                             bos_id: int = 1, eos_id: int = 2, policy: str = PROPAGATE, slots: int = 16,
                              scheduler: SchedulerSettings = SchedulerSettings()) -> DecodeResult:
     """Greedy captions for features [B, patches, width] by the continuous decoder (``slots`` rows at
     once; scheduler: its settings, see ``ContinuousDecoder``); the same return type as

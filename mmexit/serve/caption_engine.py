@@ -19,6 +19,7 @@ import torch
 
 from mmexit.inference.continuous_decoder import ContinuousDecoder
 from mmexit.inference.scheduler import SchedulerSettings
+from mmexit.models.kv_cache import PROPAGATE
 from mmexit.serve.caption_predictor import open_image
 from mmexit.serve.engine_base import LOG, BaseEngine, Request
 
@@ -28,7 +29,7 @@ def continuous_captions_supported(recipe: dict) -> Optional[str]:
     evaluate = recipe["evaluate"]
     if evaluate.get("decoding", "greedy") != "greedy":
         return f"evaluate.decoding is {evaluate['decoding']!r} (the continuous decoder is greedy only)"
-    if evaluate.get("policy", "propagate") != "propagate":
+    if evaluate.get("policy", PROPAGATE) != PROPAGATE:
         return f"evaluate.policy is {evaluate['policy']!r} (the continuous decoder supports 'propagate' only)"
     return None
 
