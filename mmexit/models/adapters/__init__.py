@@ -2,10 +2,12 @@
 
 - ``encoders``: BERT-like encoders and MPNet (text classification), with ``albert``, ``deberta``
   (DeBERTa v1 and v2/v3), ``distilbert`` and ``modernbert`` beside it;
-- ``gpt2``: the GPT-2 decoder with cross-attention (captioning), its cached one-token layer step,
-  deferred catch-up chunks and K/V projection;
+- decoders (captioning, text generation): ``decoder_protocol`` (``DecoderAdapter``, the typed
+  interface the decoding engine calls), ``decoders`` (THE decoder family registry:
+  ``DECODER_FAMILIES``), ``gpt2`` (cross-attention) and ``llama`` (an image / prompt prefix);
 - ``vision``: image encoders (timm, Hugging Face ViT).
-A new family is one more adapter; nothing else in mmexit reads a model's internals.
+A new family is one more adapter (a decoder: plus one ``DecoderFamily`` entry in ``decoders``);
+nothing else in mmexit reads a model's internals.
 """
 
 from __future__ import annotations
