@@ -42,7 +42,7 @@ PROMPT = "The history of the printing press begins in"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="RUN|LM", help="a trained captioning run folder, or a local causal-LM folder "
+    parser.add_argument("run", metavar="RUN|LM", help="a trained captioning run folder, or a local causal-LM folder "
                                        "(config.json; e.g. data/cache/smollm2-135m) for plain text generation")
     parser.add_argument("--draft-layers", type=int, nargs="+",
                         help="draft layers E (default: a run's internal exits; an LM: 8 12 15)")
@@ -69,7 +69,7 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = Path(args.target)
+    target = Path(args.run)
     if (target / "recipe.yaml").is_file() or (target.name == "model" and (target.parent / "recipe.yaml").is_file()):
         return run_caption(args)
     if (target / "config.json").is_file():
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 def run_caption(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)
     repeats = args.repeats or 2
-    loaded = load_caption_run(args.target, "full", args.images)
+    loaded = load_caption_run(args.run, "full", args.images)
     model, features, max_len, bos, eos = loaded.model, loaded.features, loaded.max_len, loaded.bos, loaded.eos
     layers = args.draft_layers or list(model.exits[:-1])
 
@@ -109,7 +109,7 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.costs:
         with torch.inference_mode():
             add_cost_model(rows, results, model, features, max_len, args.target, reference)
-    info = {"machine": machine_info(), "run": args.target, "images": int(features.shape[0]), "max_len": max_len,
+    info = {"machine": machine_info(), "run": args.run, "images": int(features.shape[0]), "max_len": max_len,
             "layers": model.num_layers, "exits": model.exits, "threads": torch.get_num_threads(), "repeats": repeats}
     if args.json:
         print(json.dumps({**info, "rows": rows}, indent=2))
@@ -126,8 +126,8 @@ def run_text(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads or 2)
     repeats, n = args.repeats or 3, args.new_tokens
-    model = LlamaForCausalLM.from_pretrained(args.target, dtype=torch.float32, attn_implementation="sdpa").eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    model = LlamaForCausalLM.from_pretrained(args.run, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.run)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     full = generate_ids(model, ids, n, eos_id=None)  # EOS ignored: every candidate generates exactly n tokens
     no_eos = copy.deepcopy(model.generation_config)
@@ -156,7 +156,7 @@ def run_text(args: argparse.Namespace) -> int:
         rows.append({"decoder": name, "exact": generation.tokens == full.tokens, "acceptance": spec.acceptance_rate,
                      "accepted": spec.accepted, "drafted": spec.drafted, "tokens_per_round": spec.tokens_per_round,
                      "seconds": seconds[name], "speedup": base / seconds[name]})
-    info = {"machine": machine_info(), "model": args.target, "layers": model.config.num_hidden_layers,
+    info = {"machine": machine_info(), "model": args.run, "layers": model.config.num_hidden_layers,
             "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "threads": torch.get_num_threads(),
             "repeats": repeats, "continuation": tokenizer.decode(full.tokens)}
     if args.json:
