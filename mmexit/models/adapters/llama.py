@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mmexit.errors import ModelLoadError
 from mmexit.models.adapters.decoder_protocol import DecoderAdapter
 from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
+from mmexit.sources import resolve_packaged
 
 #: LlamaConfig keys that rebuild a decoder's shape (saved with a trained captioner)
 ARCHITECTURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -41,8 +42,6 @@ def build_llama_decoder(vocab_size: int, pretrained: str | None = None, special_
 
     if pretrained:
         if pretrained.startswith("pypi:"):
-            from mmexit.sources import resolve_packaged
-
             pretrained = str(resolve_packaged(pretrained))
         try:
             decoder = LlamaForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", dtype=torch.float32)

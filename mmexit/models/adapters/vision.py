@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
+from mmexit.sources import resolve_packaged
 
 
 class TimmEncoder(nn.Module):
@@ -69,8 +70,6 @@ class HFImageEncoder(nn.Module):
         source = name
         try:
             if name.startswith("pypi:"):
-                from mmexit.sources import resolve_packaged
-
                 source = str(resolve_packaged(name, cache_dir))
             if pretrained:
                 self.model = AutoModel.from_pretrained(source, **kwargs)
