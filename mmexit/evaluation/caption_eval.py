@@ -1,15 +1,12 @@
-"""Evaluating a captioner's exit rules: real decoding sweeps, chosen points, timing, examples.
+"""Decoding, scoring, timing and example pages for a captioner's exit rules (the pieces of the
+captioning task's hooks of the evaluation loop, ``tasks.caption_evaluation``).
 
-Per rule: a sweep over operating points on (a subset of) the calibration split with the real
-early-exit decoder (layer counts measured; plus, optionally, the oracle mode, labelled
-simulated), the operating point chosen there (``choose_operating_point``: fastest within
-``evaluate.tolerance`` % of the full model's CIDEr), then the test split decoded at that point and
-timed against the full model at each ``timing_batch_sizes`` (BENCHMARKS.md protocol: same
-process, alternating, median). ``wall_speedup`` is per generated token (time / row-steps
-decoded), matching the per-token layer speed-up even when the two paths write captions of
-different lengths; ``wall_speedup_total`` is the plain time ratio. The timer covers the decoder
-path only (cross-attention K/V, layers, heads, search); the image encoder is timed on its own
-(``encoder_ms`` per image).
+The chosen points are decoded on the test split and timed against the full model at each
+``timing_batch_sizes`` (BENCHMARKS.md protocol: same process, alternating, median).
+``wall_speedup`` is per generated token (time / row-steps decoded), matching the per-token layer
+speed-up even when the two paths write captions of different lengths; ``wall_speedup_total`` is
+the plain time ratio. The timer covers the decoder path only (cross-attention K/V, layers,
+heads, search); the image encoder is timed on its own (``encoder_ms`` per image).
 """
 
 from __future__ import annotations
@@ -21,15 +18,12 @@ from typing import Optional
 import torch
 
 from mmexit.data.coco import CaptionItem
-from mmexit.evaluation.caption_metrics import CaptionScorer, write_results_file
-from mmexit.evaluation.operating_point import Candidate, choose_operating_point
 from mmexit.evaluation.rows import ResultRow
 from mmexit.evaluation.speed import efficiency, exit_histogram, layer_speedup
 from mmexit.evaluation.timing import time_alternating
 from mmexit.exits.base import ExitRule
 from mmexit.files import atomic_write_text
 from mmexit.inference.search import DecodeResult, beam_decode, greedy_decode
-from mmexit.tasks.base import Evaluation, Run
 
 
 def decode(model, features: torch.Tensor, rule: Optional[ExitRule], evaluate: dict, batch_size: int, tokenizer,
@@ -86,72 +80,11 @@ def captions_of(result: DecodeResult, items: list[CaptionItem], tokenizer) -> di
     return {item.image_id: tokenizer.decode(ids) for item, ids in zip(items, result.tokens)}
 
 
-def evaluate_captioning(task, run: Run, rules: list[tuple[dict, ExitRule]]) -> Evaluation:
-    """Sweeps on the calibration split, chosen points on the test split, timing; rows and predictions."""
-    recipe, model, tokenizer = run.recipe, run.model, run.processor
-    evaluate = recipe["evaluate"]
-    batch = evaluate["batch_size"]
-    sweep_items = run.data["calib"][: evaluate["sweep_max_images"] or None]
-    test_items = run.data["test"]
-    device = next(model.parameters()).device
-    sweep_features = project(model, task.encoded(run, "calib", sweep_items).to(device))
-    test_features = project(model, task.encoded(run, "test").to(device))
-    # only the timed images are decoded from pixels (the encoder is timed on its own)
-    test_images = task.images(run, "test", test_items[: evaluate["timing_images"]]).to(device)
-    # sweeps: BLEU-4 and CIDEr with the Python tokenizer (no java start per point); test rows: PTB
-    sweep_scorer = CaptionScorer({i.image_id: i.captions for i in sweep_items}, ("Bleu_4", "CIDEr"), use_java=False)
-    test_scorer = CaptionScorer({i.image_id: i.captions for i in test_items}, tuple(evaluate["metrics"]))
-    rows: list[dict] = []
-
-    def run_decode(rule, features, size=batch, policy=None):
-        return decode(model, features, rule, evaluate, size, tokenizer, policy)
-
-    full_sweep = run_decode(None, sweep_features)
-    full_sweep_scores = sweep_scorer.score(captions_of(full_sweep, sweep_items, tokenizer))
-    rows.append(caption_row("full", "full", None, "calib", full_sweep_scores, full_sweep, model, batch, False).to_dict())
-    chosen: dict[int, float] = {}
-    points = []
-    for index, (spec, rule) in enumerate(rules):
-        candidates = []
-        for threshold in spec.get("sweep") or rule.default_sweep():
-            variant = rule.with_threshold(threshold)
-            result = run_decode(variant, sweep_features)
-            scores = sweep_scorer.score(captions_of(result, sweep_items, tokenizer))
-            row = caption_row(variant.name, variant.describe(), threshold, "calib", scores, result, model, batch,
-                              False, variant.warning)
-            rows.append(row.to_dict())
-            candidates.append(Candidate(threshold, scores["CIDEr"], row.layer_speedup))
-            if evaluate["oracle_sweep"] and evaluate["policy"] != "oracle":
-                oracle = run_decode(variant, sweep_features, policy="oracle")
-                rows.append(caption_row(f"{variant.name} (oracle)", variant.describe(), threshold, "calib",
-                                        sweep_scorer.score(captions_of(oracle, sweep_items, tokenizer)), oracle, model,
-                                        None, True).to_dict())
-        choice = choose_operating_point(candidates, full_sweep_scores["CIDEr"], evaluate["tolerance"])
-        chosen[index] = choice.point
-        points.append((rule.with_threshold(choice.point), choice))
-
-    predictions_dir = run.write_dir / "predictions"
-    full_test = run_decode(None, test_features)
-    full_captions = captions_of(full_test, test_items, tokenizer)
-    write_results_file(full_captions, predictions_dir / "full_test.json")
-    full_metrics = test_scorer.score(full_captions)
-    lines = [{"index": i, "image_id": item.image_id, "image": item.path.name, "full": full_captions[item.image_id]}
-             for i, item in enumerate(test_items)]
-    examples = {"full": full_captions}
-    test_results = []
-    for rule, choice in points:
-        result = run_decode(rule, test_features)
-        captions = captions_of(result, test_items, tokenizer)
-        write_results_file(captions, predictions_dir / f"{rule.describe().replace('/', '_')}_test.json")
-        examples[rule.describe()] = captions
-        for position, (line, item) in enumerate(zip(lines, test_items)):
-            layers = result.token_layers[position] if result.token_layers else None
-            line[rule.describe()] = {"caption": captions[item.image_id], "layers": layers}
-        test_results.append((rule, choice, result, test_scorer.score(captions)))
-
-    timed = time_points(model, evaluate, tokenizer, test_images, [r for r, *_ in test_results])
-    for batch_size in evaluate["timing_batch_sizes"]:
-        info = timed[batch_size]
+def timed_rows(model, timed: dict, full_test: DecodeResult, full_metrics: dict, test_results: list) -> list[dict]:
+    """Test rows of the full model and each chosen point per timed batch size (``time_points``'s
+    output); ``test_results``: (rule, choice, DecodeResult, scores) per point."""
+    rows = []
+    for batch_size, info in timed.items():
         rows.append(caption_row("full", "full", None, "test", full_metrics, full_test, model, batch_size, False,
                                 wall_speedup=1.0, efficiency=1.0, time_full_s=info["full"],
                                 encoder_ms=info["encoder_ms"], timed_images=info["images"]).to_dict())
@@ -168,8 +101,7 @@ def evaluate_captioning(task, run: Run, rules: list[tuple[dict, ExitRule]]) -> E
                 encoder_ms=info["encoder_ms"], timed_images=info["images"], timed_tokens_full=info["full_tokens"],
                 timed_tokens_exit=info[f"{key}_tokens"], wall_speedup_total=info["full"] / info[key],
                 **choice.as_extra("calib")).to_dict())
-    write_examples(run.write_dir, test_items, examples, test_results, evaluate["examples"])
-    return Evaluation(rows, chosen, lines)
+    return rows
 
 
 def time_points(model, evaluate: dict, tokenizer, images: torch.Tensor, rules: list) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmexit.calibration.statistics import ExitStatistics
+from mmexit.evaluation.loop import Evaluation
 from mmexit.exits.base import ExitRule
 
 RULE_RESERVED = ("sweep", "calibration")
@@ -37,16 +38,6 @@ class Run:
     def __post_init__(self) -> None:
         if self.write_dir is None:
             self.write_dir = self.output_dir
-
-
-@dataclass
-class Evaluation:
-    """What a task's evaluate returns: result rows (dicts), the chosen operating point of each rule
-    (spec index -> threshold), and per-sample prediction lines for ``predictions_<split>.jsonl``."""
-
-    rows: list[dict]
-    chosen: dict[int, float]
-    predictions: list[dict]
 
 
 class Task:

@@ -19,15 +19,21 @@ from mmexit.calibration.statistics import ExitStatistics
 from mmexit.data.augment import with_views
 from mmexit.data.caption_batches import CaptionCollator, CaptionPairs, batch_tensors
 from mmexit.data.caption_tokenizer import (
-    caption_vocabulary, load_pretrained_tokenizer, load_word_tokenizer, train_word_tokenizer,
+    caption_vocabulary,
+    load_pretrained_tokenizer,
+    load_word_tokenizer,
+    train_word_tokenizer,
 )
 from mmexit.data.coco import CaptionItem, check_items, load_coco_annotations, load_images, load_karpathy
 from mmexit.data.flickr import FLICKR_LAYOUTS, load_flickr
+from mmexit.data.scenes import generate_scenes
 from mmexit.errors import CalibrationError, DataError, ModelLoadError, RecipeError
+from mmexit.evaluation.loop import Evaluation, evaluate_rules
 from mmexit.exits.base import ExitRule
 from mmexit.models.captioner import Captioner, build_captioner, load_captioner, save_captioner
 from mmexit.models.lora import merge_lora
-from mmexit.tasks.base import Evaluation, Run, Task
+from mmexit.tasks.base import Run, Task
+from mmexit.tasks.caption_evaluation import CaptionEvaluator
 from mmexit.tasks.caption_features import encoder_outputs
 from mmexit.training.joint import FinalOnlyLoss, InternalExitsLoss, JointLoss
 from mmexit.training.trainer import train_stage
@@ -48,7 +54,6 @@ def load_splits(recipe: dict) -> dict[str, list[CaptionItem]]:
         splits = load_flickr(flickr["root"], source, flickr.get("token_file"), flickr.get("image_dir"),
                              flickr.get("split_files"))
     elif source == "scenes":
-        from mmexit.data.scenes import generate_scenes
 
         scenes = data["scenes"]
         karpathy = generate_scenes(data["root"], scenes["num_train"], scenes["num_val"], scenes["num_test"],
@@ -257,11 +262,9 @@ class CaptioningTask(Task):
                                 quiet=not run.accelerator.is_local_main_process, encoded=True)
 
     def evaluate(self, run: Run, rules: list[tuple[dict, ExitRule]], calib: ExitStatistics) -> Evaluation:
-        from mmexit.evaluation.caption_eval import evaluate_captioning
-
         if not run.accelerator.is_main_process:  # decoding is not sharded; the main process reports
             return Evaluation([], {}, [])
-        return evaluate_captioning(self, run, rules)
+        return evaluate_rules(CaptionEvaluator(self, run), rules, run.recipe["evaluate"]["tolerance"])
 
     def title(self, run: Run) -> str:
         return f"{run.recipe['run']['name']}: captioning early exit ({run.recipe['data']['source']})"

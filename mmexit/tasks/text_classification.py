@@ -1,40 +1,28 @@
-"""Text classification (GLUE, offline corpora) as a task: data, model, training, statistics, evaluation.
-
-Evaluation: every exit's outputs on the calibration and evaluation splits are collected once
-(all layers run); sweeps over each rule's operating points are *simulated* from them; each rule's
-point is chosen on the calibration split (``choose_operating_point``); the chosen point is then
-run through the real batched early-exit path on the evaluation split and timed against the full
-model. Every exit's outputs on both splits are saved to ``exit_outputs.safetensors`` for
-``tools/control.py``.
-"""
+"""Text classification (GLUE, offline corpora) as a task: data, model, training, statistics, evaluation
+(through the one evaluation loop, with ``tasks.text_evaluation.TextEvaluator`` as its hooks)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
-
-import torch
 
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.data.examples import TextTask
 from mmexit.data.text import Collator, LengthGroupedBatches, batches, load_text_task
 from mmexit.errors import RecipeError
 from mmexit.evaluation import text_eval
-from mmexit.evaluation.operating_point import Candidate, choose_operating_point
-from mmexit.evaluation.rows import full_model_rows
+from mmexit.evaluation.loop import Evaluation, evaluate_rules
 from mmexit.exits.base import ExitRule
-from mmexit.inference.exit_loop import simulate_exits
 from mmexit.models.encoder import CONFIG_NAME, MultiExitEncoder
 from mmexit.models.loading import load_backbone, load_tokenizer, truncate_backbone
 from mmexit.recipe.language import build_component
-from mmexit.tasks.base import Evaluation, Run, Task
+from mmexit.tasks.base import Run, Task
+from mmexit.tasks.text_evaluation import TextEvaluator
 from mmexit.training.joint import FinalOnlyLoss, InternalExitsLoss
 from mmexit.training.trainer import train_stage
 
 logger = logging.getLogger(__name__)
-EXIT_OUTPUTS_FILE = "exit_outputs.safetensors"
 
 
 class TextClassificationTask(Task):
@@ -133,48 +121,12 @@ class TextClassificationTask(Task):
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, run: Run, rules: list[tuple[dict, ExitRule]], calib: ExitStatistics) -> Evaluation:
-        evaluate = run.recipe["evaluate"]
-        split, data, model = evaluate["split"], run.data, run.model
-        calib_outputs = self._outputs(run, run.recipe["calibration"]["split"])
-        outputs = self._outputs(run, split)
-        exit_layers = list(model.exit_layers)
-        full_metrics = text_eval.score(data.metrics, outputs.logits[-1], outputs.labels)
-        rows = full_model_rows(split, full_metrics, data.primary_metric, model.num_layers, outputs.labels.numel(),
-                               evaluate["timing_batch_sizes"])
-        examples = data.splits[split]
-        lines = [{"index": i, **_input_fields(example), "label": label, "full": full}
-                 for i, (example, label, full) in enumerate(zip(examples, outputs.labels.tolist(),
-                                                                 _predictions(outputs.logits[-1])))]
-        chosen: dict[int, float] = {}
-        if not run.accelerator.is_main_process:
-            return Evaluation(rows, chosen, lines)
-        save_exit_outputs(run, calib_outputs, outputs)
-        eval_batches = self.split_batches(run, split, evaluate["batch_size"])
-        timing_batches = {size: self.split_batches(run, split, size, evaluate["timing_samples"])
-                          for size in evaluate["timing_batch_sizes"]}
-        method_prefix = loss_label(run.recipe)
-        calib_full = text_eval.score(data.metrics, calib_outputs.logits[-1], calib_outputs.labels)[data.primary_metric]
-        for index, (spec, rule) in enumerate(rules):
-            method = f"{method_prefix}+{rule.name}"
-            thresholds = spec.get("sweep") or rule.default_sweep()
-            rows += text_eval.sweep_rows(rule, thresholds, method, split, outputs, exit_layers, data.metrics,
-                                         data.primary_metric)
-            candidates = []
-            for threshold in thresholds:
-                metrics, speedup, _ = text_eval.simulated_point(rule.with_threshold(threshold), calib_outputs,
-                                                                exit_layers, data.metrics)
-                candidates.append(Candidate(threshold, metrics[data.primary_metric], speedup))
-            choice = choose_operating_point(candidates, calib_full, evaluate["tolerance"])
-            point = rule.with_threshold(choice.point)
-            chosen[index] = choice.point
-            measured, logits, exit_index = text_eval.measured_rows(
-                model, point, method, split, eval_batches, timing_batches, outputs.labels, data.metrics,
-                data.primary_metric, evaluate["timing_repeats"], choice.as_extra(run.recipe["calibration"]["split"]))
-            rows += precision_effect(run, point, thresholds, measured, exit_index, logits)
-            predictions = _predictions(logits)
-            for line, prediction, exit_at in zip(lines, predictions, exit_index.tolist()):
-                line[point.describe()] = {"prediction": prediction, "exit_layer": exit_layers[exit_at]}
-        return Evaluation(rows, chosen, lines)
+        evaluator = TextEvaluator(run, lambda split: self._outputs(run, split),
+                                  lambda split, size, limit=None: self.split_batches(run, split, size, limit))
+        if not run.accelerator.is_main_process:  # sweeps and timing run once, on the main process
+            return Evaluation(evaluator.reference()[0], {}, evaluator.predictions())
+        evaluator.save_outputs()
+        return evaluate_rules(evaluator, rules, run.recipe["evaluate"]["tolerance"])
 
     def title(self, run: Run) -> str:
         return f"{run.recipe['run']['name']}: {run.recipe['model']['backbone']} on {run.data.name}"
@@ -191,66 +143,3 @@ class TextClassificationTask(Task):
         return model, tokenizer
 
 
-def _input_fields(example) -> dict:
-    fields = {"text": example.text_a}
-    if example.text_b is not None:
-        fields["text_pair"] = example.text_b
-    return fields
-
-
-def _predictions(logits: torch.Tensor) -> list:
-    return logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
-
-
-def loss_label(recipe: dict) -> str:
-    """How the exits were trained, for the ``method`` column."""
-    if recipe["train"]["schedule"] == "two_stage":
-        return "two_stage"
-    spec = recipe["train"]["loss"]
-    return spec.get("name") or spec["_target_"].rsplit(".", 1)[-1]
-
-
-def precision_effect(run: Run, point: ExitRule, thresholds: list, rows: list[dict], exit_index: torch.Tensor,
-                     logits: torch.Tensor) -> list[dict]:
-    """``rows`` with what ``evaluate.dtype`` changed against float32 (when it is not float32), on the
-    evaluation split: ``exits_changed``, the share of rows whose exit differs from the float32 model's
-    at the same operating point (its exits decided on the float32 outputs); ``predictions_changed``,
-    the share whose prediction differs; ``float32_point``, the point the operating-point choice picks
-    on the float32 outputs (with the rule's calibration as fitted at this run's dtype).
-
-    exit_index [N] and logits [N, C]: the deployed model's real early-exit path."""
-    reference = run.state.get("float32")
-    if not reference:
-        return rows
-    data, evaluate = run.data, run.recipe["evaluate"]
-    test, calib = reference[evaluate["split"]], reference[run.recipe["calibration"]["split"]]
-    exits = simulate_exits(point, test.logits, test.pooled if point.needs_hidden else None)
-    chosen = test.logits[exits, torch.arange(exits.numel())]  # [N, C]
-    changed = [a != b for a, b in zip(_predictions(chosen), _predictions(logits))]
-    candidates = []
-    for threshold in thresholds:
-        metrics, speedup, _ = text_eval.simulated_point(point.with_threshold(threshold), calib,
-                                                        list(run.model.exit_layers), data.metrics)
-        candidates.append(Candidate(threshold, metrics[data.primary_metric], speedup))
-    full = text_eval.score(data.metrics, calib.logits[-1], calib.labels)[data.primary_metric]
-    extra = {"exits_changed": float((exits != exit_index.cpu()).float().mean()),
-             "predictions_changed": sum(changed) / max(len(changed), 1),
-             "float32_point": choose_operating_point(candidates, full, evaluate["tolerance"]).point}
-    return [row | extra for row in rows]
-
-
-def save_exit_outputs(run: Run, calib: text_eval.SplitOutputs, test: text_eval.SplitOutputs) -> None:
-    """Every exit's logits and the labels on the calibration and evaluation splits, one safetensors file.
-
-    Tensors ``calib.logits`` [M, Nc, C], ``calib.labels`` [Nc], ``test.logits``, ``test.labels``;
-    metadata ``exit_layers`` (JSON), ``task``, ``primary_metric``.
-    """
-    from safetensors.torch import save as save_bytes
-
-    from mmexit.files import atomic_write_bytes
-
-    tensors = {"calib.logits": calib.logits.float().contiguous(), "calib.labels": calib.labels.contiguous(),
-               "test.logits": test.logits.float().contiguous(), "test.labels": test.labels.contiguous()}
-    metadata = {"exit_layers": json.dumps(list(run.model.exit_layers)), "task": run.data.name,
-                "primary_metric": run.data.primary_metric}
-    atomic_write_bytes(run.write_dir / EXIT_OUTPUTS_FILE, save_bytes(tensors, metadata=metadata))

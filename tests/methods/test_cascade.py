@@ -8,9 +8,8 @@ import torch
 from methods_helpers import random_batch, tiny_model
 from mmexit.exits.confidence import MaxProbRule, NeverExitRule
 from mmexit.exits.patience import PatienceRule
-from mmexit.models.cascade import (
-    MultiModelCascade, cascade_all_logits, cascade_forward, cumulative_layers, simulate_cascade,
-)
+from mmexit.inference.cascade import cascade_forward, simulate_cascade
+from mmexit.models.cascade import MultiModelCascade, cascade_all_logits, cumulative_layers
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_evaluate_cascade_writes_results(models, tmp_path):
     timed batch size, a simulated sweep, and a measured point whose answers equal the simulation's."""
     import json
 
-    from mmexit.models.cascade import main
+    from mmexit.tasks.cascade_evaluation import cascade_main as main
     from mmexit_testing import make_glue, tiny_recipe
 
     folders = []
