@@ -19,7 +19,20 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from mmexit import run_folder
+from mmexit.bench.cli import bench_main
 from mmexit.errors import MMExitError, RecipeError
+from mmexit.models.precision import check_dtype
+from mmexit.recipe.loading import load_recipe, save_recipe
+from mmexit.recipe.tasks import task_for, validate_recipe
+from mmexit.run_folder import new_run_id
+from mmexit.serve.predict_cli import predict_main
+from mmexit.serve.serve_cli import serve_main
+from mmexit.stages import run_stages
+from mmexit.tasks.base import Run
+from mmexit.tasks.cascade_evaluation import cascade_main
+from mmexit.training.checkpoints import Checkpointing, clean_incomplete, complete_checkpoints
+from mmexit.training.trainer import request_preemption
 
 RESULT_FILES = ("results.json", "rows.json", "model/mmexit_model.json", "model/captioner.json",
                 "model/model.safetensors", "calibration.json", "run_manifest.json")
@@ -47,10 +60,9 @@ def make_accelerator(recipe: dict, output_dir: Path):
         log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     elif log_with == "none":
         log_with = None
-    import torch
-
     from datetime import timedelta
 
+    import torch
     from accelerate.utils import InitProcessGroupKwargs
 
     try:
@@ -84,8 +96,6 @@ def run_recipe(path: str, overrides: list[str]) -> list[dict]:
     Everything that can fail on bad input (recipe, data, rules, model) is checked before the
     first write into the output folder.
     """
-    from mmexit.recipe.loading import load_recipe
-    from mmexit.recipe.tasks import validate_recipe
 
     return run_validated(validate_recipe(load_recipe(path, overrides)))
 
@@ -93,12 +103,6 @@ def run_recipe(path: str, overrides: list[str]) -> list[dict]:
 def run_validated(recipe: dict) -> list[dict]:
     """Run a validated recipe (see ``run_recipe``); returns the result rows."""
     from accelerate.utils import set_seed
-
-    from mmexit import run_folder
-    from mmexit.recipe.loading import save_recipe
-    from mmexit.recipe.tasks import task_for
-    from mmexit.stages import run_stages
-    from mmexit.tasks.base import Run
 
     output_dir = Path(recipe["run"]["output_dir"])
     if output_dir.exists() and not output_dir.is_dir():
@@ -108,7 +112,6 @@ def run_validated(recipe: dict) -> list[dict]:
     accelerator = make_accelerator(recipe, output_dir)
     set_cpu_threads(recipe["run"]["num_threads"], accelerator)
     if "evaluate" in recipe:  # float16 on CPU, int8 on a GPU: refused before anything is written
-        from mmexit.models.precision import check_dtype
 
         check_dtype(recipe["evaluate"].get("dtype", "float32"), accelerator.device)
     task = task_for(recipe["task"])
@@ -155,8 +158,6 @@ def broadcast_run_id(accelerator) -> str:
     """One run id for every process (the main process draws it)."""
     from accelerate.utils import broadcast_object_list
 
-    from mmexit.run_folder import new_run_id
-
     holder = [new_run_id() if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(holder)
@@ -165,7 +166,6 @@ def broadcast_run_id(accelerator) -> str:
 
 def checkpointing_for(recipe: dict, output_dir: Path):
     """The run's Checkpointing (None when it neither checkpoints nor resumes)."""
-    from mmexit.training.checkpoints import Checkpointing, clean_incomplete, complete_checkpoints
 
     run_cfg = recipe["run"]
     resume = run_cfg["resume"]
@@ -189,8 +189,6 @@ def preemption_signal():
     """SIGTERM during the run asks training to checkpoint and stop (a cluster's preemption)."""
     import signal
     import threading
-
-    from mmexit.training.trainer import request_preemption
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -254,7 +252,6 @@ def run_main(argv: list[str]) -> int:
         print(f"mmexit: error: cannot write the run's files: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     if rows:
-        from mmexit.recipe.loading import load_recipe
 
         output_dir = Path(load_recipe(args.recipe, args.overrides)["run"]["output_dir"])
         table = output_dir / "results.md"
@@ -268,20 +265,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``mmexit {run,predict,serve} ...``; ``mmexit RECIPE.yaml ...`` is ``mmexit run``. Exit 0, or 2 on a user error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
-        from mmexit.serve.predict_cli import predict_main
 
         quiet_libraries()
         return predict_main(argv[1:])
     if argv and argv[0] == "bench":
-        from mmexit.bench.cli import bench_main
 
         quiet_libraries()
         return bench_main(argv[1:])
     if argv and argv[0] == "serve":
-        from mmexit.serve.serve_cli import serve_main
 
         quiet_libraries()
         return serve_main(argv[1:])
+    if argv and argv[0] == "cascade":
+
+        quiet_libraries()
+        return cascade_main(argv[1:])
     if argv and argv[0] == "run":
         return run_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
@@ -289,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "  mmexit run RECIPE.yaml [key=value ...]   train, calibrate, evaluate, report (also: mmexit RECIPE.yaml)\n"
               "  mmexit predict RUN_DIR --text TEXT | --input FILE   a trained run on new inputs, JSON lines out\n"
               "  mmexit bench {text,caption,speculative,engine,load,precision} ...   speed benchmarks (--help)\n"
-              "  mmexit serve RUN_DIR [--host 127.0.0.1] [--port 8000]   serve a trained run over HTTP")
+              "  mmexit serve RUN_DIR [--host 127.0.0.1] [--port 8000]   serve a trained run over HTTP\n"
+              "  mmexit cascade MEMBER_DIR... --recipe R --output OUT   evaluate a Multi-Model cascade")
         return 0 if argv else 2
     return run_main(argv)
 

@@ -15,9 +15,15 @@ import json
 import logging
 from pathlib import Path
 
-from mmexit.calibration.rule_spec import (CALIBRATION_FILE, OPERATING_POINTS_FILE, RULE_RESERVED, build_rules,
-                                          load_calibration)
+from mmexit.calibration.rule_spec import (
+    CALIBRATION_FILE,
+    OPERATING_POINTS_FILE,
+    RULE_RESERVED,
+    build_rules,
+    load_calibration,
+)
 from mmexit.calibration.statistics import ExitStatistics
+from mmexit.calibration.temperature import fit_temperatures
 from mmexit.evaluation.results import write_results
 from mmexit.evaluation.rows import with_dtype
 from mmexit.evaluation.timing import machine_info
@@ -41,7 +47,6 @@ def calibrate(run: Run, rules: list[tuple[dict, ExitRule]], stats: ExitStatistic
     """
     saved: dict = {"split": run.recipe["calibration"]["split"], "temperatures": None, "rules": {}}
     if run.recipe["calibration"].get("temperature"):
-        from mmexit.calibration.temperature import fit_temperatures
 
         temperatures = fit_temperatures(stats.require_logits("temperature"), stats.labels)
         saved["temperatures"] = temperatures

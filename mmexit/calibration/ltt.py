@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.errors import CalibrationError
+from mmexit.errors import CalibrationError, RecipeError
 from mmexit.inference.exit_loop import simulate_exits
+
 
 def _kl_bernoulli(q: float, p: float) -> float:
     q = min(max(q, 1e-12), 1 - 1e-12)
@@ -95,7 +96,6 @@ class LTTCalibration:
     def __init__(self, epsilon: float = 0.02, delta: float = 0.05, p_value: str = "binomial",
                  grid: list[float] | None = None, order: str = "auto") -> None:
         if p_value not in P_VALUES:
-            from mmexit.errors import RecipeError
 
             raise RecipeError(f"calibration ltt: p_value {p_value!r} is not allowed; allowed: {', '.join(P_VALUES)}")
         self.epsilon, self.delta, self.p_value = float(epsilon), float(delta), p_value

@@ -24,9 +24,10 @@ Recipe: ``{name: pcee, calibration: {name: pcee, guarantee: ltt, alpha: 0.1}}``.
 
 from __future__ import annotations
 
-from mmexit.statistics.accuracy_control import BOUNDS, CONFIDENCE_LEVELS, policy_counts, split_indices
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.errors import CalibrationError, RecipeError
+from mmexit.exits.pcee import GUARANTEES, LTT_SCORES
+from mmexit.statistics.accuracy_control import BOUNDS, CONFIDENCE_LEVELS, policy_counts, split_indices
 
 
 class PCEECalibration:
@@ -41,7 +42,6 @@ class PCEECalibration:
 
     def __init__(self, guarantee: str = "none", alpha: float = 0.1, bound: str = "clopper_pearson",
                  score: str = "confidence", fit_fraction: float = 0.5, seed: int = 0) -> None:
-        from mmexit.exits.pcee import GUARANTEES, LTT_SCORES
 
         if guarantee not in GUARANTEES:
             raise RecipeError(f"calibration pcee: guarantee {guarantee!r} is not allowed; allowed: {', '.join(GUARANTEES)}")

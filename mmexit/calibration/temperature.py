@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmexit.errors import CalibrationError
+
 #: rows per chunk when scanning [N, C] logits (bounds the temporary softmax memory)
 CHUNK_ROWS = 8192
 
@@ -73,7 +75,6 @@ class TemperatureCalibration:
     def fit(self, rule, stats) -> None:
         """stats: ``mmexit.calibration.statistics.ExitStatistics`` of the calibration split."""
         if not hasattr(rule, "temperatures"):
-            from mmexit.errors import CalibrationError
 
             raise CalibrationError(f"calibration 'temperature': rule '{rule.name}' has no per-exit temperatures")
         rule.temperatures = fit_temperatures(stats.require_logits("temperature"), stats.labels)

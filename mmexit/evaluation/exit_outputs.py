@@ -17,6 +17,7 @@ from typing import Union
 from torch import Tensor
 
 from mmexit.errors import DataError
+from mmexit.files import atomic_write_bytes
 
 EXIT_OUTPUTS_FILE = "exit_outputs.safetensors"
 TENSORS = ("calib.logits", "calib.labels", "test.logits", "test.labels")
@@ -107,8 +108,6 @@ def load_exit_outputs(path: Union[str, Path]) -> ExitOutputs:
 def save_exit_outputs(path: Union[str, Path], outputs: ExitOutputs) -> None:
     """Write ``outputs`` in the run folder's format (for tests and for exit outputs built elsewhere)."""
     from safetensors.torch import save as save_bytes
-
-    from mmexit.files import atomic_write_bytes
 
     tensors = {"calib.logits": outputs.calib_logits.float().contiguous(), "calib.labels": outputs.calib_labels.contiguous(),
                "test.logits": outputs.test_logits.float().contiguous(), "test.labels": outputs.test_labels.contiguous()}

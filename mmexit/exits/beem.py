@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmexit.errors import CalibrationError
+from mmexit.errors import CalibrationError, RecipeError
 from mmexit.exits.base import ExitRule, ExitView, RuleState
 from mmexit.exits.confidence import PerExitTemperature
 
@@ -140,11 +140,9 @@ class BEEMRule(PerExitTemperature, ExitRule):
     ) -> None:
         super().__init__(threshold)
         if isinstance(weights, str) and weights not in ("accuracy", "cost"):
-            from mmexit.errors import RecipeError
 
             raise RecipeError(f"rule beem: weights {weights!r} is not allowed; allowed: accuracy, cost, or a list")
         if restart not in RESTARTS:
-            from mmexit.errors import RecipeError
 
             raise RecipeError(f"rule beem: restart {restart!r} is not allowed; allowed: {', '.join(RESTARTS)}")
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]

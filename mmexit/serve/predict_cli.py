@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from mmexit.errors import DataError, MMExitError
+from mmexit.evaluation.caption_plot import plot_token_layers, token_words
 from mmexit.files import atomic_write_text
+from mmexit.serve.load import load
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -67,8 +69,6 @@ def image_inputs(path: Path) -> list[Path]:
 def plot_predictions(args, predictor, images: list[Path], results: list[dict]) -> None:
     """``--plot FILE``: the photos with the full model's captions and the run's rule's (when it is not
     the full model), every word coloured by its exit layer."""
-    from mmexit.evaluation.caption_plot import plot_token_layers, token_words
-    from mmexit.serve.load import load
 
     tokenizer = predictor.processor
     panels = [{} for _ in images]
@@ -98,7 +98,6 @@ def predict_main(argv: list[str]) -> int:
                                         "evaluate.dtype, the precision its rules were calibrated at)")
     args = parser.parse_args(argv)
     try:
-        from mmexit.serve.load import load
 
         predictor = load(args.run_dir, rule=args.rule, device=args.device, dtype=args.dtype)
         if predictor.task == "captioning":

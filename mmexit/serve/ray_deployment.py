@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from mmexit.serve.app import create_app
+from mmexit.serve.load import load
 from mmexit.serve.service import Limits, TextService, build_service
 
 
@@ -43,8 +45,6 @@ class MMExitReplica:
                  max_wait_ms: Optional[float] = None, max_wait_calls: Optional[int] = None) -> None:
         import torch
 
-        from mmexit.serve.load import load
-
         if threads:
             torch.set_num_threads(int(threads))
         predictor = load(run_dir, rule=rule, device=device)
@@ -52,7 +52,6 @@ class MMExitReplica:
                                      max_wait_ms, max_wait_calls=max_wait_calls).start()  # shed load past timeout / 2
 
     def __serve_build_asgi_app__(self):
-        from mmexit.serve.app import create_app
 
         return create_app(self.service)  # its lifespan drains the engine when the replica stops
 

@@ -16,7 +16,9 @@ import sys
 from typing import Optional
 
 from mmexit.errors import MMExitError
-from mmexit.serve.service import ENGINES, Limits
+from mmexit.serve.engine_process import engine_hosts, process_engines
+from mmexit.serve.load import load
+from mmexit.serve.service import ENGINES, Limits, build_service
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -105,8 +107,6 @@ def move_engines_to_a_process(service, args: argparse.Namespace, limits: Limits)
     (``mmexit serve`` loads it without them in the first place)."""
     from dataclasses import replace
 
-    from mmexit.serve.engine_process import process_engines
-
     build = dict(engine=args.engine, max_batch=args.max_batch, max_queue=10**9,
                  limits=replace(limits, max_queue_wait=0), slots=args.slots, max_wait_ms=args.max_wait_ms,
                  engines=args.engines, group_lengths=args.group_lengths, max_wait_calls=args.max_wait_calls)
@@ -120,9 +120,6 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         import torch
-
-        from mmexit.serve.load import load
-        from mmexit.serve.service import build_service
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -145,8 +142,7 @@ def serve_main(argv: Optional[list[str]] = None) -> int:
         return getattr(error, "exit_code", 2)
     import uvicorn
 
-    from mmexit.serve.app import create_app
-    from mmexit.serve.engine_process import engine_hosts
+    from mmexit.serve.app import create_app  # fastapi: the serve extra
 
     app = create_app(service)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
