@@ -18,7 +18,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mmexit.data.examples import TextExample
 from mmexit.serve.batcher import BatchEngine, caption_batch, text_batch_engine
@@ -27,7 +27,6 @@ from mmexit.serve.engine import ContinuousEngine
 from mmexit.serve.engine_base import BaseEngine, EngineFull, EngineStopped
 from mmexit.serve.text_rows import encode_rows, row_result
 
-ENGINES = ("continuous", "batch", "full")
 ITEM_HELP = 'a string, a [text, text_pair] pair or an object {"text": ..., "text_pair": ...}'
 
 
@@ -262,18 +261,59 @@ class CaptionService(Service):
         return {"results": results, "operating_point": self.predictor.operating_point}
 
 
+@dataclass
+class EngineSettings:
+    """What ``build_service`` hands every engine builder."""
+
+    max_batch: int = 32
+    max_queue: int = 1024
+    slots: Optional[int] = None
+    max_wait_ms: float = 5.0  # the request batchers' wait for a fuller batch
+    max_wait_calls: Optional[int] = None  # the continuous engines' age bound, in layer calls
+    group_lengths: bool = True
+    queue_wait: Optional[float] = None
+
+
+def _continuous_text(predictor, settings: EngineSettings) -> BaseEngine:
+    return ContinuousEngine(predictor.model, predictor.rule, predictor.max_length, settings.max_batch,
+                            settings.max_queue, settings.slots, settings.max_wait_calls, _pad_id(predictor),
+                            settings.group_lengths, settings.queue_wait)
+
+
+def _batch_text(predictor, settings: EngineSettings, full: bool = False) -> BaseEngine:
+    return text_batch_engine(predictor.model, predictor.rule, predictor.max_length, full, settings.max_batch,
+                             settings.max_queue, settings.max_wait_ms, _pad_id(predictor), settings.queue_wait)
+
+
+def _pad_id(predictor) -> int:
+    return int(getattr(predictor.processor, "pad_token_id", 0) or 0)
+
+
+#: THE table of text engines: name -> builder(predictor, settings). A new engine is one file (its
+#: runner under the continuous core, or a BaseEngine) plus one line here.
+TEXT_ENGINES: dict[str, Callable[[Any, EngineSettings], BaseEngine]] = {
+    "continuous": _continuous_text,
+    "batch": _batch_text,
+    "full": lambda predictor, settings: _batch_text(predictor, settings, full=True),
+}
+ENGINES = tuple(TEXT_ENGINES)
+
+
 def build_service(predictor, engine: str = "continuous", max_batch: int = 32, max_queue: int = 1024,
                   limits: Optional[Limits] = None, slots: Optional[int] = None, max_wait_ms: Optional[float] = None,
                   engines: Optional[Sequence[str]] = None, group_lengths: bool = True,
                   max_wait_calls: Optional[int] = None) -> Service:
-    """The service of a loaded run (not started). Text runs get ``engines`` (default: all three, so one
-    server compares them: ``POST /v1/classify?engine=full``), ``engine`` answering by default.
-    max_wait_ms: how long the request batchers wait for a fuller batch (default 5); max_wait_calls:
-    the continuous engines' age bound of a layer queue, in layer calls (default: twice the layers)."""
+    """The service of a loaded run (not started). Text runs get ``engines`` (default: every engine of
+    ``TEXT_ENGINES``, so one server compares them: ``POST /v1/classify?engine=full``), ``engine``
+    answering by default. max_wait_ms: how long the request batchers wait for a fuller batch
+    (default 5); max_wait_calls: the continuous engines' age bound of a layer queue, in layer calls
+    (default: twice the layers)."""
     limits = limits or Limits()
+    settings = EngineSettings(max_batch, max_queue, slots, 5.0 if max_wait_ms is None else max_wait_ms,
+                              max_wait_calls, group_lengths, limits.queue_wait)
     if predictor.task == "captioning":
-        batcher = BatchEngine(caption_batch(predictor), "caption", max_batch, max_queue,
-                              5.0 if max_wait_ms is None else max_wait_ms, max_queue_wait=limits.queue_wait)
+        batcher = BatchEngine(caption_batch(predictor), "caption", max_batch, max_queue, settings.max_wait_ms,
+                              max_queue_wait=limits.queue_wait)
         captioners: dict[str, BaseEngine] = {"caption": batcher}
         recipe = getattr(predictor, "recipe", None)
         if engine == "continuous" and "continuous" in (engines or ENGINES) and recipe is not None and \
@@ -285,16 +325,6 @@ def build_service(predictor, engine: str = "continuous", max_batch: int = 32, ma
     if engine not in names:
         names.insert(0, engine)
     for name in names:
-        if name not in ENGINES:
+        if name not in TEXT_ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
-    model, rule = predictor.model, predictor.rule
-    pad_id = int(getattr(predictor.processor, "pad_token_id", 0) or 0)
-    built: dict[str, BaseEngine] = {}
-    for name in names:
-        if name == "continuous":
-            built[name] = ContinuousEngine(model, rule, predictor.max_length, max_batch, max_queue, slots,
-                                           max_wait_calls, pad_id, group_lengths, limits.queue_wait)
-        else:
-            built[name] = text_batch_engine(model, rule, predictor.max_length, name == "full", max_batch, max_queue,
-                                            5.0 if max_wait_ms is None else max_wait_ms, pad_id, limits.queue_wait)
-    return TextService(predictor, built, limits, engine)
+    return TextService(predictor, {name: TEXT_ENGINES[name](predictor, settings) for name in names}, limits, engine)

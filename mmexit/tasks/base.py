@@ -17,8 +17,6 @@ from mmexit.calibration.statistics import ExitStatistics
 from mmexit.evaluation.loop import Evaluation
 from mmexit.exits.base import ExitRule
 
-RULE_RESERVED = ("sweep", "calibration")
-
 
 @dataclass
 class Run:

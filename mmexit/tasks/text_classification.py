@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from mmexit.calibration.rule_spec import RULE_RESERVED
 from mmexit.calibration.statistics import ExitStatistics
 from mmexit.data.examples import TextTask
 from mmexit.data.text import Collator, LengthGroupedBatches, batches, load_text_task
@@ -41,7 +42,7 @@ class TextClassificationTask(Task):
 
     def check_rules(self, recipe: dict, data: TextTask) -> None:
         for index, spec in enumerate(recipe["evaluate"]["rules"]):
-            cls_rule = build_component(spec, "rule", f"evaluate.rules[{index}]", reserved=("sweep", "calibration"))
+            cls_rule = build_component(spec, "rule", f"evaluate.rules[{index}]", reserved=RULE_RESERVED)
             if data.is_regression and cls_rule.needs_probabilities:
                 raise RecipeError(f"evaluate.rules[{index}].name: rule '{cls_rule.name}' needs class probabilities, "
                                   f"but {data.name} is a regression task; allowed: patience, fixed, never")
