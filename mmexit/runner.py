@@ -252,7 +252,6 @@ def run_main(argv: list[str]) -> int:
         print(f"mmexit: error: cannot write the run's files: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     if rows:
-
         output_dir = Path(load_recipe(args.recipe, args.overrides)["run"]["output_dir"])
         table = output_dir / "results.md"
         if table.exists():
@@ -265,19 +264,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``mmexit {run,predict,serve} ...``; ``mmexit RECIPE.yaml ...`` is ``mmexit run``. Exit 0, or 2 on a user error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
-
         quiet_libraries()
         return predict_main(argv[1:])
     if argv and argv[0] == "bench":
-
         quiet_libraries()
         return bench_main(argv[1:])
     if argv and argv[0] == "serve":
-
         quiet_libraries()
         return serve_main(argv[1:])
     if argv and argv[0] == "cascade":
-
         quiet_libraries()
         return cascade_main(argv[1:])
     if argv and argv[0] == "run":

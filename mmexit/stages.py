@@ -47,7 +47,6 @@ def calibrate(run: Run, rules: list[tuple[dict, ExitRule]], stats: ExitStatistic
     """
     saved: dict = {"split": run.recipe["calibration"]["split"], "temperatures": None, "rules": {}}
     if run.recipe["calibration"].get("temperature"):
-
         temperatures = fit_temperatures(stats.require_logits("temperature"), stats.labels)
         saved["temperatures"] = temperatures
         for _, rule in rules:

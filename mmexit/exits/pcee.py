@@ -327,7 +327,6 @@ class PCEERule(PerExitTemperature, ExitRule):
         if self.final_accuracy is None:
             return True
         if self.guarantee == "bins" and self.final_counts is not None:
-
             key = ("final", self.alpha, self.bound)
             if key not in self._decisions:
                 hits, n = self.final_counts
@@ -351,7 +350,6 @@ class PCEERule(PerExitTemperature, ExitRule):
                 "every sample runs the full model (falls back to the full model)"
             )
         if self.guarantee == "bins" and self.target_unreachable():
-
             hits, n = self.final_counts
             notes.append(
                 f"{label}: delta={self.threshold:g} is above the final exit's accuracy lower bound "
@@ -366,7 +364,6 @@ class PCEERule(PerExitTemperature, ExitRule):
         return "; ".join(notes) or None
 
     def _ltt_warning(self) -> Optional[str]:
-
         ltt = self.ltt
         full_ok, level = self.certified()
         n = int(ltt["n"])

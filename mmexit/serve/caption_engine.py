@@ -13,7 +13,7 @@ only recipes decoding that way can use this engine.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -98,7 +98,6 @@ def predict_main(argv: list[str]) -> int:
                                         "evaluate.dtype, the precision its rules were calibrated at)")
     args = parser.parse_args(argv)
     try:
-
         predictor = load(args.run_dir, rule=args.rule, device=args.device, dtype=args.dtype)
         if predictor.task == "captioning":
             images = [Path(p) for p in args.image] + (image_inputs(Path(args.input)) if args.input else [])

@@ -52,7 +52,6 @@ class MMExitReplica:
                                      max_wait_ms, max_wait_calls=max_wait_calls).start()  # shed load past timeout / 2
 
     def __serve_build_asgi_app__(self):
-
         return create_app(self.service)  # its lifespan drains the engine when the replica stops
 
     async def classify(self, texts: list) -> dict:

@@ -22,7 +22,6 @@ class JointLoss(ExitLoss):
     def __init__(self, weights: str | list = "depth", distill_weight: float = 0.0, temperature: float = 1.0,
                  label_smoothing: float = 0.0) -> None:
         if not isinstance(weights, (list, tuple)) and weights not in ("depth", "uniform"):
-
             raise RecipeError(f"train.loss.weights: {weights!r} is not allowed; allowed: depth, uniform or a list")
         self.weights = weights
         self.distill_weight = float(distill_weight)
@@ -46,7 +45,6 @@ class JointLoss(ExitLoss):
     def _weights(self, num_exits: int, device: torch.device) -> torch.Tensor:
         if isinstance(self.weights, (list, tuple)):
             if len(self.weights) != num_exits:
-
                 raise RecipeError(f"train.loss.weights: {len(self.weights)} weights for {num_exits} exits")
             weights = torch.tensor([float(w) for w in self.weights], device=device)
             return weights / weights.sum()
