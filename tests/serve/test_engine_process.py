@@ -47,7 +47,9 @@ def test_every_engine_in_a_worker_answers_as_in_process(tiny_run):
             there = [f.result(60) for f in [proxies[name].submit(rows[:10]), proxies[name].submit(rows[10:])]]
             there = there[0] + there[1]
             assert [r.exit_layer for r in there] == [r.exit_layer for r in here], name
-            assert all(torch.equal(a.logits, b.logits) for a, b in zip(here, there)), name
+            # the worker may start on the first request before the second arrives: other call
+            # compositions, so equal up to float rounding (bitwise equality: tests/serve/test_engine.py)
+            assert all(torch.allclose(a.logits, b.logits, rtol=0, atol=1e-5) for a, b in zip(here, there)), name
             assert proxies[name].depth == 0 and proxies[name].rows_done == len(rows)
         assert len({r.exit_layer for r in here}) >= 1
         layers = {r.exit_layer for r in service.engines["continuous"].submit(rows).result(60)}
