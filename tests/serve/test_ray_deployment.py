@@ -98,7 +98,7 @@ def test_two_replicas_answer_as_predict_and_ray_replaces_a_killed_one(tmp_path):
         answers, workers = load_in_threads(base, stop, threads)
         time.sleep(1.0)
         os.kill(max(before), signal.SIGKILL)
-        deadline, after = time.monotonic() + 75, before
+        deadline, after = time.monotonic() + 180, before  # a new replica imports torch: slow on a loaded 2-core machine
         while time.monotonic() < deadline and not after - before:
             time.sleep(0.5)
             after = pids(base, 6)
