@@ -1,7 +1,7 @@
 """``mmexit bench caption``: step-synchronous against layer-level continuous caption decoding.
 
     mmexit bench caption RUN|random [--rule SPEC] [--decoders step-sync continuous] [--images 64] [--rows 16]
-        [--max-call 16] [--max-len N] [--max-wait CALLS] [--depth-bias 1] [--catch-up 1] [--restart-weight 0.5]
+        [--max-call 16] [--max-len N] [--max-wait-calls N] [--depth-bias 1] [--catch-up 1] [--restart-weight 0.5]
         [--device cpu] [--repeats 3] [--threads 1] [--json]
     mmexit bench caption RUN|random --patterns [--exit K] [--steps 20] [--batch-sizes 16 1] ...
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, help="default: the run's evaluate.max_len; random: 20")
     parser.add_argument("--max-call", type=int, help="the most tokens one layer call takes (default: --rows); with "
                         "--rows 64 --max-call 16 the continuous pool is deeper than a call, step-sync decodes in 16s")
-    parser.add_argument("--max-wait", type=int, help="scheduler age bound in layer calls (default: 2 x layers)")
+    parser.add_argument("--max-wait-calls", type=int, help="scheduler age bound in layer calls (default: 2 x layers)")
     parser.add_argument("--depth-bias", type=float, default=1.0, help="scheduler preference for deeper queues")
     parser.add_argument("--catch-up", type=float, default=1.0,
                         help="scheduler weight of the tokens one layer deeper (that a call's tokens join)")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         model, features, rule, key, label = loaded.model, loaded.features, loaded.rule, loaded.key, loaded.label
         max_len, bos, eos = args.max_len or loaded.max_len, loaded.bos, loaded.eos
     try:
-        scheduler = SchedulerSettings(max_wait=args.max_wait, depth_bias=args.depth_bias, catch_up=args.catch_up,
+        scheduler = SchedulerSettings(max_wait=args.max_wait_calls, depth_bias=args.depth_bias, catch_up=args.catch_up,
                                       restart_weight=args.restart_weight, max_call=args.max_call)
     except ValueError as error:
         raise RecipeError(str(error)) from None
