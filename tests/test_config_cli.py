@@ -124,3 +124,11 @@ def test_tiny_end_to_end_run(tmp_path, glue_dir):
     assert all(r["wall_speedup"] is None for r in rows if r["simulated"])
     # evaluate again from the saved model, without training
     assert main([str(path), "run.log_with=none", "run.overwrite=true", "run.stages=[calibrate,evaluate,report]"]) == 0
+
+
+def test_yaml_no_is_the_word_no_where_a_choice_names_it(tmp_path, glue_dir):
+    """YAML 1.1 reads ``mixed_precision: no`` as False; the field's choices say the word was meant."""
+    recipe = validate_recipe(load_recipe(write_recipe(tmp_path, glue_dir), ["train.mixed_precision=no"]))
+    assert recipe["train"]["mixed_precision"] == "no"
+    with pytest.raises(RecipeError, match="train.mixed_precision: expected str"):
+        validate_recipe(load_recipe(write_recipe(tmp_path, glue_dir), ["train.mixed_precision=yes"]))

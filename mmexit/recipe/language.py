@@ -88,8 +88,14 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def _coerce_number(value: Any, types: tuple[type, ...]) -> Any:
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string: accept it where a float is expected."""
+def _coerce_yaml(value: Any, spec: Field) -> Any:
+    """Undo YAML 1.1's readings: ``1e-5`` (no dot) is a string, accepted where a float is expected;
+    ``no`` / ``off`` are False, accepted where they are one of a string field's choices."""
+    types = spec.types
+    if value is False and str in types and bool not in types and spec.choices:
+        for word in ("no", "off"):
+            if word in spec.choices:
+                return word
     if float in types and str not in types and isinstance(value, str):
         try:
             return float(value)
@@ -157,7 +163,7 @@ def _validate_field(value: Any, spec: Field, path: str) -> Any:
         if spec.nullable:
             return None
         raise RecipeError(f"{path}: must be set, expected {_type_names(spec.types)}")
-    value = _coerce_number(value, spec.types)
+    value = _coerce_yaml(value, spec)
     if not _type_ok(value, spec.types):
         raise RecipeError(
             f"{path}: expected {_type_names(spec.types)}, got {type(value).__name__} {value!r}"
