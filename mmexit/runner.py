@@ -65,6 +65,12 @@ def make_accelerator(recipe: dict, output_dir: Path):
     import torch
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState().num_processes == 1:
+        # one process may run several recipes (tests, notebooks); accelerate keeps the first one's
+        # precision for the process and refuses another, so start each recipe from a clean state
+        AcceleratorState._reset_state()
     try:
         return Accelerator(
             # the main process alone times and decodes while the others wait at a barrier: allow hours

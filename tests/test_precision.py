@@ -130,3 +130,12 @@ def test_run_with_float16_on_cpu_stops_before_writing(tmp_path, capsys):
     assert main([str(recipe), "evaluate.dtype=float16"]) == 2
     assert _error(capsys.readouterr().err).startswith("mmexit: error: evaluate.dtype: float16 needs a GPU")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_one_process_runs_recipes_of_different_training_precision(tmp_path):
+    """accelerate keeps a process's first precision; a second recipe with another one still builds."""
+    from mmexit.runner import make_accelerator
+
+    for precision in ("no", "bf16", "no"):
+        recipe = {"train": {"mixed_precision": precision}, "run": {"log_with": "none"}}
+        assert make_accelerator(recipe, tmp_path).mixed_precision == precision
