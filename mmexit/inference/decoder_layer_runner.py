@@ -92,6 +92,9 @@ class DecoderLayerRunner:
         self.position = [0] * self.num_slots  # cache position of each slot's current token
         self.token = [self.bos_id] * self.num_slots  # each slot's current token (embedded at layer 0)
         self.hidden: Optional[Tensor] = None  # [slots, width]: each slot's hidden state between layers
+        # groups that went on whole -> (their slot index [n], hidden [n, width]) not yet written to
+        # ``hidden``: the group's next call reads them as they are; any other call writes them all first
+        self.carried: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
         self.states = SlotTensors(self.num_slots)  # the rule's state rows of each slot's current token
         self.captions: list[Optional[Caption]] = [None] * self.num_slots
         # per layer: groups of stopped tokens that skipped it and have no K/V there yet (one group is
@@ -165,7 +168,7 @@ class DecoderLayerRunner:
                                   dtype=torch.long, device=self.device)  # [2, n]
             hidden = model.embed(inputs[0], inputs[1])
         else:
-            hidden = self.hidden.index_select(0, plan.rows)
+            hidden = self._hidden_of(rows, plan)
         hidden = self.adapter.step_rows(layer, hidden, cache, plan.rows, plan.positions, plan.length)
         if cache.folded is not None:
             raise RuntimeError("adapter.step_rows says it takes folded rows (takes_folded) but left them")
@@ -224,11 +227,23 @@ class DecoderLayerRunner:
             return kept[1]
         return self.cache.plan_rows(rows, positions)
 
+    def _hidden_of(self, rows: list[int], plan: RowsPlan) -> Tensor:
+        """The hidden states [n, width] of ``rows`` before their next layer: a group that went on whole
+        hands its own on; otherwise every carried group is written into the slots (oldest first, so a
+        slot's latest state wins) and the rows are read from there."""
+        carried = self.carried.pop(tuple(rows), None)
+        if carried is not None:
+            return carried[1]
+        for index, hidden in self.carried.values():
+            if self.hidden is None:
+                self.hidden = hidden.new_zeros(self.num_slots, hidden.shape[-1])
+            self.hidden.index_copy_(0, index, hidden)
+        self.carried.clear()
+        return self.hidden.index_select(0, plan.rows)
+
     def _go_on(self, outcome: Outcome, rows: list[int], positions: list[int], plan: RowsPlan, hidden: Tensor) -> None:
-        """Tokens that run the next layer: their hidden states [n, width] wait in their slots."""
-        if self.hidden is None:
-            self.hidden = hidden.new_zeros(self.num_slots, hidden.shape[-1])
-        self.hidden.index_copy_(0, plan.rows, hidden)
+        """Tokens that run the next layer: their hidden states [n, width] are carried to it (``_hidden_of``)."""
+        self.carried[tuple(rows)] = (plan.rows, hidden)
         if len(self.plans) > 4 * self.num_layers:  # plans of groups that were merged or split since
             self.plans.clear()
         self.plans[tuple(rows)] = (tuple(positions), plan)
