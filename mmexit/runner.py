@@ -63,9 +63,12 @@ def make_accelerator(recipe: dict, output_dir: Path):
     from datetime import timedelta
 
     import torch
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
-    from accelerate.state import AcceleratorState, PartialState
+    if train.get("mixed_precision") == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        logging.warning("train.mixed_precision: bf16 on a CPU without AVX512-BF16 or AMX is emulated and "
+                        "slower than float32; set train.mixed_precision=no")
 
     if PartialState().num_processes == 1:
         # one process may run several recipes (tests, notebooks); accelerate keeps the first one's
@@ -83,6 +86,16 @@ def make_accelerator(recipe: dict, output_dir: Path):
         )
     except (ValueError, RuntimeError) as error:
         raise RecipeError(f"train.mixed_precision: {str(error).splitlines()[0]}") from None
+
+
+def cpu_has_bf16() -> bool:
+    """True when /proc/cpuinfo lists native bf16 arithmetic (avx512_bf16 or amx_bf16); True where
+    it cannot be read (not Linux: no claim either way)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def set_cpu_threads(requested: Optional[int], accelerator) -> None:
