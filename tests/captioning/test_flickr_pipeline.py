@@ -3,6 +3,7 @@ a small decoder, calibration on dev, every rule, test metrics; a second run read
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not FLICKR8K.is_dir(), reason="../shared/data/flickr8k is absent (research data)")]
 
 
-def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch):
+def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnx", reason="converting pypi:dinov2-small needs onnx (in the dev extra)")
     cache = tmp_path / "cache"
     recipe = validate_recipe(load_recipe(RECIPE, [*SLICE, f"data.cache_dir={cache}",
@@ -52,6 +53,16 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch):
     args = ["predict", str(out), "--rule", "maxprob@0.3", "--output", str(tmp_path / "p.jsonl"), "--plot", str(picture)]
     assert main(args + [arg for photo in photos for arg in ("--image", photo)]) == 0
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+    # tools/exit_losses.py: each exit's teacher-forced loss on train and dev photos (cached features)
+    spec = importlib.util.spec_from_file_location("exit_losses", REPO / "tools" / "exit_losses.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    capsys.readouterr()
+    assert tool.main([str(out), "--splits", "train", "calib", "--images", "12"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in table[1:]] == ["train", "calib"]
+    losses = [float(cell) for row in table[1:] for cell in row[3:]]
+    assert len(losses) == 2 * 2 and all(0 < loss < 20 for loss in losses)  # 2 splits x 2 exits
     entries = list((cache / "features").rglob("*.pt"))
     assert len(entries) == 48 + 12 + 12  # every photo of the slice encoded once, unpooled
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Each exit's teacher-forced loss (mean token cross-entropy, no label smoothing) of a trained
+captioning run on its training photos and on held-out ones: where does depth stop helping, and
+does the model over-fit?
+
+    python tools/exit_losses.py outputs/flickr8k_10ep --images 500
+
+Splits: train, calib (the recipe's dev/val split) and test; the first ``--images`` photos of each,
+with all their reference captions. A frozen encoder's features come from the feature cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import mmexit  # noqa: E402
+from mmexit.errors import MMExitError  # noqa: E402
+from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
+from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
+from mmexit.training.held_out import exit_losses  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a trained captioning run folder")
+    parser.add_argument("--splits", nargs="+", default=["train", "calib"], choices=["train", "calib", "test"])
+    parser.add_argument("--images", type=int, default=500, help="the first N photos of each split")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        predictor = mmexit.load(args.run_dir)
+        if predictor.task != "captioning":
+            raise MMExitError(f"{args.run_dir}: a {predictor.task} run; exit losses are for captioning runs")
+        model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
+        splits = load_splits(recipe)
+    except MMExitError as error:
+        print(f"exit_losses: error: {error}", file=sys.stderr)
+        return 2
+    print("| split | photos | captions | " + " | ".join(f"exit @ {layer}" for layer in model.exits) + " |")
+    print("|---|---|---|" + "---|" * model.num_exits)
+    for split in args.splits:
+        items = splits[split][:args.images]
+        features = encoder_outputs(model.encoder, [item.path for item in items], image_norm(recipe),
+                                   recipe["data"]["cache_dir"], progress=False)
+        captions = [[tokenizer.encode(text) for text in item.captions] for item in items]
+        losses = exit_losses(model, features, captions, tokenizer, recipe["train"]["max_length"])
+        print(f"| {split} | {len(items)} | {sum(map(len, captions))} | "
+              + " | ".join(f"{float(loss):.3f}" for loss in losses) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
