@@ -8,7 +8,7 @@ decoder-layer runner (``decoder_layer_runner.DecoderLayerRunner``): each image o
 current token waits in the queue of the decoder layer it runs next, each call runs ONE layer for
 tokens of different caption positions, a token that exits re-enters layer 0 at its next position
 and a finished caption's slot is refilled at once. Images waiting for a slot count in the layer-0
-queue when slots are free: they take the slots (constants, or the LLaMA prefix's prefill) just
+queue when slots are free: they take the slots (features, or the LLaMA prefix's prefill) just
 before a layer-0 call, so new rows join the rows re-entering layer 0 in one call.
 
 Each row's tokens and layers per token are those of ``greedy_decode`` on the image alone (batch 1,

@@ -1,7 +1,8 @@
 """One decoder layer on the caption tokens of some slots, each at its own position (``ContinuousCore``'s runner).
 
-Each image being captioned owns a slot of ``SlotCache`` (its cross-attention K/V or image prefix,
-and its caption's K/V); its current token is one row of the core's queues. A call runs ONE layer
+Each image being captioned owns a slot of ``SlotCache`` (its features, the cross-attention K/V of the
+layers its tokens reached so far (computed when the first of them reaches a layer) or its image
+prefix, and its caption's K/V); its current token is one row of the core's queues. A call runs ONE layer
 for the tokens of ``rows``, whatever caption position each is at (``adapter.step_rows``: K/V written
 at each row's own cache position, attention over each row's positions 0..own position, position
 embeddings / RoPE at each row's own position). After a layer with an exit the rule is asked about
@@ -26,8 +27,9 @@ written by the first call of that layer after it stopped, before token t+1 can r
 The work of a call around the layer's maths is kept small: slots, positions and the tokens entering
 layer 0 live on the host (the layer-0 call embeds its tokens at once); the index tensors and mask
 of a group of rows (``SlotCache.plan_rows``) are kept while the group runs layer after layer whole;
-the stop mask is read once per exit (``tolist``); the constants and prefix K/V of waiting images
-are computed for up to ``slots`` images at once (``staged``), not per admission.
+the stop mask is read once per exit (``tolist``); the prefix K/V of waiting images are computed for
+up to ``slots`` images at once (``staged``), not per admission; a layer's cross-attention K/V are
+computed for the rows of a call that reach it first (never for a layer no token of the image runs).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class DecoderLayerRunner:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.cache: Optional[SlotCache] = None  # built at the first accept (prefix length of the features)
         self.feature_shape: tuple[int, ...] = ()  # [patches, width] of every image
-        # constants + prefix K/V of the first waiting images (``SlotCache.stage``), the row of the
+        # features + prefix K/V of the first waiting images (``SlotCache.stage``), the row of the
         # next image to admit in it, and how many waiting images it still holds
         self.staged: Optional[DecoderCache] = None
         self.staged_row = self.staged_left = 0
@@ -125,7 +127,7 @@ class DecoderLayerRunner:
         return list(features.unbind(0))
 
     def admit(self, slots: list[int], items: list[Tensor], upcoming: Upcoming) -> None:
-        """Images ``items`` take ``slots``: constants and prefix K/V (staged for up to ``slots`` waiting
+        """Images ``items`` take ``slots``: features and prefix K/V (staged for up to ``slots`` waiting
         images at once), BOS at the first caption position, the rule's start state."""
         count, offset, done = len(slots), self.cache.offset, 0
         while done < count:  # the staged images are the first waiting ones (admission is FIFO)
@@ -169,6 +171,7 @@ class DecoderLayerRunner:
             hidden = model.embed(inputs[0], inputs[1])
         else:
             hidden = self._hidden_of(rows, plan)
+        cache.ensure_constants(self.adapter, layer, rows)  # cross-attention K/V of images new to this layer
         hidden = self.adapter.step_rows(layer, hidden, cache, plan.rows, plan.positions, plan.length)
         if cache.folded is not None:
             raise RuntimeError("adapter.step_rows says it takes folded rows (takes_folded) but left them")

@@ -54,14 +54,16 @@ KV_POLICY_DOC = "K/V of skipped layers: " + "; ".join(f"{name}: {doc}" for name,
 class DecoderCache:
     """Per-layer K/V for ``rows`` sequences of at most ``max_len`` positions."""
 
-    def __init__(self, adapter, features: Tensor, max_len: int, deferred: bool = False) -> None:
+    def __init__(self, adapter, features: Tensor, max_len: int, deferred: bool = False,
+                 constants: bool = True) -> None:
         rows = features.shape[0]
         self.offset: int = adapter.prefix_length(features)  # cache positions taken by an image prefix
         self.size = self.offset + max_len
         shape = (rows, adapter.num_kv_heads, self.size, adapter.head_dim)
         self.keys = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
         self.values = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
-        self.constants = [adapter.init_cache_layer(index, features) for index in range(adapter.num_layers)]
+        self.constants = [adapter.init_cache_layer(index, features) if constants else None
+                          for index in range(adapter.num_layers)]
         self.depth: Optional[Tensor] = None
         self.waiting: Optional[Tensor] = None
         if deferred:
@@ -168,10 +170,17 @@ class SlotCache(DecoderCache):
     """A ``DecoderCache`` of ``slots`` rows (slots) that images take and free one by one.
 
     Every image has the same prefix length (``offset``; 0 for GPT-2, the patches for LLaMA) and at
-    most ``max_len`` caption positions. ``admit`` writes a new image's per-layer constants
-    (cross-attention K/V) and prefix K/V into its slot (``admit_staged``: from rows of a
-    ``DecoderCache`` built for several waiting images at once); whatever a slot's earlier image left
-    at later positions is never read (reads are masked to 0..own position, written first).
+    most ``max_len`` caption positions. ``admit`` writes a new image's features and prefix K/V into
+    its slot (``admit_staged``: from rows of a ``DecoderCache`` built for several waiting images at
+    once); whatever a slot's earlier image left at later positions is never read (reads are masked to
+    0..own position, written first).
+
+    A layer's constants (cross-attention K/V of the image) are computed lazily: for the slots of a
+    call whose image has not reached that layer yet (``ensure_constants``, called before the layer
+    runs; ``constant`` reads them). An early-exit caption whose tokens never go past layer 3 never
+    pays for the cross-attention K/V of layers 4-6; the full model computes every layer's once per
+    image, as before (prefix K/V of a LLaMA-style decoder are still written at admission: they
+    depend on the layers below).
 
     A layer's K and V share one buffer ``kv[layer]`` [slots, 2, kv_heads, size, head_dim]
     (``keys[layer]`` and ``values[layer]`` are its two halves), and a layer's constants one buffer
@@ -187,8 +196,13 @@ class SlotCache(DecoderCache):
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(adapter.num_layers)]
         self.keys = [kv[:, 0] for kv in self.kv]
         self.values = [kv[:, 1] for kv in self.kv]
-        self.constants: list = [None] * adapter.num_layers  # allocated at the first admission
+        self.constants: list = [None] * adapter.num_layers  # allocated when first computed
         self.constant_pools: list[Optional[Tensor]] = [None] * adapter.num_layers  # [slots, parts, ...] or None
+        self.features: Optional[Tensor] = None  # [slots, patches, width]: each slot's image (lazy constants)
+        # per layer: slots whose image has no constants there yet; has_constants[layer]: False once the
+        # adapter said the layer has none (LLaMA), None until the first image reached it
+        self.missing: list[set[int]] = [set() for _ in range(adapter.num_layers)]
+        self.has_constants: list[Optional[bool]] = [None] * adapter.num_layers
         self.slots = slots
         self.depth = self.waiting = None
         self.kv_heads, self.head_dim = adapter.num_kv_heads, adapter.head_dim
@@ -204,36 +218,65 @@ class SlotCache(DecoderCache):
         self.admit_staged(slots, self.stage(adapter, features), 0)
 
     def stage(self, adapter, features: Tensor) -> DecoderCache:
-        """Constants and prefix K/V of images features [n, patches, width], computed in one batch (a
-        ``DecoderCache`` with ``max_len`` 0) for ``admit_staged``."""
-        staged = DecoderCache(adapter, features, 0)  # constants + prefix K/V (positions 0..offset-1) only
+        """Prefix K/V of images features [n, patches, width], computed in one batch (a ``DecoderCache``
+        with ``max_len`` 0 and no constants: those are computed lazily) for ``admit_staged``."""
+        staged = DecoderCache(adapter, features, 0, constants=False)  # prefix K/V (positions 0..offset-1) only
         if staged.offset != self.offset:
             raise ValueError(f"an image has a prefix of {staged.offset} positions, this cache holds {self.offset}")
+        staged.features = features
         return staged
 
     def admit_staged(self, slots: Tensor, staged: DecoderCache, start: int) -> None:
-        """Slots [n] take rows start..start+n-1 of ``staged`` (``stage``): their constants and prefix K/V
-        (each part copied straight into its place in this cache's buffers)."""
+        """Slots [n] take rows start..start+n-1 of ``staged`` (``stage``): their features (constants are
+        computed from them lazily, ``ensure_constants``) and prefix K/V (copied straight into place)."""
         end = start + slots.shape[0]
+        features = staged.features[start:end]
+        if self.features is None:
+            self.features = features.new_zeros(self.slots, *features.shape[1:])
+        elif self.features.shape[1:] != features.shape[1:]:
+            raise ValueError(f"image features of shape {tuple(features.shape[1:])} do not fit this cache's "
+                             f"{tuple(self.features.shape[1:])} (every image must have the same patches)")
+        self.features.index_copy_(0, slots, features)
+        taken = slots.tolist()
         for layer in range(len(self.kv)):
             if self.offset:
                 self.keys[layer][:, :, :self.offset].index_copy_(0, slots, staged.keys[layer][start:end])
                 self.values[layer][:, :, :self.offset].index_copy_(0, slots, staged.values[layer][start:end])
-            constant = staged.constants[layer]
-            if constant is None:
-                continue
-            if self.constants[layer] is None:
-                if len({part.shape for part in constant}) == 1:  # one buffer, one gather per call
-                    pool = constant[0].new_zeros(self.slots, len(constant), *constant[0].shape[1:])
-                    self.constant_pools[layer] = pool
-                    self.constants[layer] = tuple(pool[:, i] for i in range(len(constant)))
-                else:
-                    self.constants[layer] = tuple(part.new_zeros(self.slots, *part.shape[1:]) for part in constant)
-            for pool, part in zip(self.constants[layer], constant):
-                if pool.shape[1:] != part.shape[1:]:
-                    raise ValueError(f"image features of shape {tuple(part.shape[1:])} do not fit this cache's "
-                                     f"{tuple(pool.shape[1:])} (every image must have the same patches)")
-                pool.index_copy_(0, slots, part[start:end])
+            if self.has_constants[layer] is not False:
+                self.missing[layer].update(taken)
+
+    def ensure_constants(self, adapter, layer: int, slots: Sequence[int]) -> None:
+        """The constants of ``layer`` for those of ``slots`` (host list) whose image has none there yet,
+        computed in one batch by ``adapter.init_cache_layer`` from the slots' features."""
+        missing = self.missing[layer]
+        if not missing:
+            return
+        need = [slot for slot in slots if slot in missing]
+        if not need:
+            return
+        missing.difference_update(need)
+        index = torch.tensor(need, dtype=torch.long, device=self.features.device)
+        constant = adapter.init_cache_layer(layer, self.features.index_select(0, index))
+        self.has_constants[layer] = constant is not None
+        if constant is None:
+            missing.clear()
+            return
+        self._write_constants(layer, index, constant)
+
+    def _write_constants(self, layer: int, slots: Tensor, constant: tuple) -> None:
+        """Constant parts [n, ...] of ``layer`` into their slots [n] (buffers allocated at the first)."""
+        if self.constants[layer] is None:
+            if len({part.shape for part in constant}) == 1:  # one buffer, one gather per call
+                pool = constant[0].new_zeros(self.slots, len(constant), *constant[0].shape[1:])
+                self.constant_pools[layer] = pool
+                self.constants[layer] = tuple(pool[:, i] for i in range(len(constant)))
+            else:
+                self.constants[layer] = tuple(part.new_zeros(self.slots, *part.shape[1:]) for part in constant)
+        for pool, part in zip(self.constants[layer], constant):
+            if pool.shape[1:] != part.shape[1:]:
+                raise ValueError(f"image features of shape {tuple(part.shape[1:])} do not fit this cache's "
+                                 f"{tuple(pool.shape[1:])} (every image must have the same patches)")
+            pool.index_copy_(0, slots, part)
 
     # ------------------------------------------------------------------ rows at their own positions
     def _flat(self, slots: Sequence[int], positions: Sequence[int]) -> list[int]:
@@ -277,7 +320,8 @@ class SlotCache(DecoderCache):
         return read[:, 0], read[:, 1], plan.mask
 
     def constant(self, layer: int, rows: Optional[Tensor]):
-        """The layer's constant K/V for ``rows`` (long [r], or None = all), or None (``index_select``)."""
+        """The layer's constant K/V for ``rows`` (long [r], or None = all), or None (``index_select``);
+        ``ensure_constants`` of these rows' slots at this layer must have run."""
         stored = self.constants[layer]
         if stored is None or rows is None:
             return stored

@@ -306,7 +306,7 @@ def test_images_of_another_shape_are_refused(models):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_admissions_across_staged_batches(models, references, family, monkeypatch):
-    """Constants and prefix K/V are computed for up to ``slots`` waiting images at once (staged); an
+    """Prefix K/V are computed for up to ``slots`` waiting images at once (staged); an
     admission that takes the last staged images and the first of the next batch (it happens at some
     of these slot counts) gives each image its own, and every row still equals greedy decoding alone."""
     model, features, eos = models[family]
@@ -326,6 +326,36 @@ def test_admissions_across_staged_batches(models, references, family, monkeypatc
         check_captions([captions[i] for i in ids], [expected[i % IMAGES] for i in range(len(ids))])
         assert decoder.runner.staged is None and not decoder.waiting
     assert any(crossings)
+
+
+@pytest.mark.parametrize("rule_name", [None, "maxprob", "saturation"])
+def test_cross_attention_kv_computed_once_per_image_and_layer_it_reaches(models, references, rule_name, monkeypatch):
+    """A layer's cross-attention K/V of an image are computed when its first token reaches that layer
+    (for the rows of that call), once per image and layer, never for a layer no token of it runs; the
+    captions still equal greedy decoding alone (slots are refilled, so stale K/V would show)."""
+    model, features, eos = models["gpt2"]
+    rule = None if rule_name is None else FAMILIES["gpt2"][1][rule_name]
+    adapter, computed = model.adapter, []
+    original = adapter.init_cache_layer
+
+    def spy(index, image_features):
+        computed.append((index, image_features.shape[0]))
+        return original(index, image_features)
+
+    monkeypatch.setattr(adapter, "init_cache_layer", spy)
+    decoder = ContinuousDecoder(model, rule, MAX_LEN, 3, BOS, eos, keep_logits=True)
+    ids = decoder.submit(features)
+    captions = decoder.run()
+    per_layer = [sum(n for index, n in computed if index == layer) for layer in range(model.num_layers)]
+    reached = [sum(max(captions[i].layers) > layer for i in ids) for layer in range(model.num_layers)]
+    assert per_layer == reached  # once per image for each layer its deepest token ran
+    if rule_name is None:
+        check_captions([captions[i] for i in ids], references["gpt2", None])
+        assert per_layer == [IMAGES] * model.num_layers
+    else:
+        check_captions([captions[i] for i in ids], references["gpt2", rule_name])
+    if rule_name == "saturation":
+        assert per_layer[-1] < IMAGES  # some image never reached the last layer: its K/V there never computed
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
