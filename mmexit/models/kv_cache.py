@@ -2,7 +2,8 @@
 
 Self-attention K/V are preallocated per layer as [rows, kv_heads, offset + max_len, head_dim];
 per-layer constants (a captioner's cross-attention K/V of the image) are computed once by the
-adapter's ``init_cache_layer`` (None for decoders that have none).
+adapter's ``init_cache_layer`` (None for decoders that have none), when a layer first reads them: a
+layer that no token runs (early exit) never pays for them.
 
 A decoder that reads the image as a *prefix* of tokens (LLaMA: projected image tokens, no
 cross-attention) occupies cache positions ``0..offset-1`` with it: ``offset =
@@ -62,8 +63,11 @@ class DecoderCache:
         shape = (rows, adapter.num_kv_heads, self.size, adapter.head_dim)
         self.keys = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
         self.values = [features.new_zeros(shape) for _ in range(adapter.num_layers)]
-        self.constants = [adapter.init_cache_layer(index, features) if constants else None
-                          for index in range(adapter.num_layers)]
+        self.constants: list = [None] * adapter.num_layers
+        # layers whose constants are still to compute from ``features`` (at the layer's first read)
+        self.lazy_constants: set[int] = set(range(adapter.num_layers)) if constants else set()
+        self.features: Optional[Tensor] = features if constants else None
+        self.init_cache_layer = adapter.init_cache_layer
         self.depth: Optional[Tensor] = None
         self.waiting: Optional[Tensor] = None
         if deferred:
@@ -78,6 +82,8 @@ class DecoderCache:
             for layer, tensor in enumerate(store):
                 store[layer] = tensor[index]
         self.constants = [None if c is None else tuple(part[index] for part in c) for c in self.constants]
+        if self.lazy_constants:
+            self.features = self.features[index]
         if self.depth is not None:
             self.depth, self.waiting = self.depth[index], self.waiting[index]
 
@@ -124,7 +130,13 @@ class DecoderCache:
         return keys, self.values[layer][:, :, :length].index_select(0, rows), mask[:, None, None, :]
 
     def constant(self, layer: int, rows: Optional[Tensor]):
-        """The layer's constant K/V (e.g. cross-attention) for ``rows`` (None = all), or None."""
+        """The layer's constant K/V (e.g. cross-attention) for ``rows`` (None = all), or None; computed
+        for every row at the layer's first read."""
+        if layer in self.lazy_constants:
+            self.lazy_constants.discard(layer)
+            self.constants[layer] = self.init_cache_layer(layer, self.features)
+            if not self.lazy_constants:
+                self.features = None
         stored = self.constants[layer]
         if stored is None or rows is None:
             return stored
@@ -199,6 +211,7 @@ class SlotCache(DecoderCache):
         self.constants: list = [None] * adapter.num_layers  # allocated when first computed
         self.constant_pools: list[Optional[Tensor]] = [None] * adapter.num_layers  # [slots, parts, ...] or None
         self.features: Optional[Tensor] = None  # [slots, patches, width]: each slot's image (lazy constants)
+        self.lazy_constants: set[int] = set()  # (per slot instead: ``missing``)
         # per layer: slots whose image has no constants there yet; has_constants[layer]: False once the
         # adapter said the layer has none (LLaMA), None until the first image reached it
         self.missing: list[set[int]] = [set() for _ in range(adapter.num_layers)]

@@ -199,3 +199,44 @@ def test_rules_without_logits_ask_the_lm_head_only_where_rows_stop(tiny_captione
     rows_seen.clear()
     greedy_decode(tiny_captioner, tiny_features, MaxProbRule(0.5), MAX_LEN, BOS, EOS)
     assert sum(rows_seen) > result.layers.numel()  # confidence rules ask every exit on the way
+
+
+@pytest.mark.parametrize("policy", ["propagate", "deferred"])
+def test_cross_attention_kv_computed_only_for_layers_some_row_runs(tiny_captioner, tiny_features, policy, monkeypatch):
+    """The step-synchronous cache computes a layer's cross-attention K/V at the layer's first call (for
+    every row at once): a layer no token runs never pays for them, and tokens equal the uncached
+    decoder's (the K/V are the same whenever computed)."""
+    adapter, computed = tiny_captioner.adapter, []
+    original = adapter.init_cache_layer
+
+    def spy(index, features):
+        computed.append(index)
+        return original(index, features)
+
+    monkeypatch.setattr(adapter, "init_cache_layer", spy)
+    first_exit = tiny_captioner.exits[0]
+    result = greedy_decode(tiny_captioner, tiny_features, _StopFirst(), MAX_LEN, BOS, EOS, policy=policy)
+    assert int(result.layers.max()) == first_exit < tiny_captioner.num_layers
+    assert computed == list(range(first_exit))  # the layers every token ran, once each
+    computed.clear()
+    rule = MaxProbRule(0.4)
+    cached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy)
+    assert len(computed) == len(set(computed))  # once per layer
+    if policy == "propagate":  # (deferred also runs skipped layers when it catches up)
+        assert sorted(computed) == list(range(int(cached.layers.max())))
+    uncached = greedy_decode(tiny_captioner, tiny_features, rule, MAX_LEN, BOS, EOS, policy=policy,
+                             stepper_class=UncachedStepper)
+    assert cached.tokens == uncached.tokens
+
+
+class _StopFirst(ExitRule):
+    """Stops every token at the first exit (reads no logits)."""
+
+    name = "stop_first"
+    needs_logits = False
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def decide(self, view, state):
+        return torch.ones(view.hidden.shape[0], dtype=torch.bool)
