@@ -228,7 +228,8 @@ class CaptioningTask(Task):
         stage = dict(dataset=dataset, collate=collate, accelerator=run.accelerator, train=train,
                      checkpointing=run.checkpointing)
         if train["schedule"] == "joint":
-            loss = JointLoss(weights, loss_cfg["kl_weight"], loss_cfg["kl_temperature"], loss_cfg["label_smoothing"])
+            loss = JointLoss(weights, loss_cfg["kl_weight"], loss_cfg["kl_temperature"], loss_cfg["label_smoothing"],
+                             classes=unwrapped.head_ids)  # a caption vocabulary: the loss over its tokens
             history = train_stage(model, loss, epochs=train["epochs"], lr=train["lr"], seed=seed,
                                   stage_name="train (joint)", **stage)
         else:

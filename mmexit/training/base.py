@@ -43,6 +43,18 @@ def flatten_tokens(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits[:, mask], labels[mask]
 
 
+def restrict_classes(logits: Tensor, labels: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [..., N, V] and labels [N] (real tokens, no -100) over ``classes`` only (sorted ids [C],
+    e.g. a captioner's ``head_ids``): logits [..., N, C] and each label's position in ``classes``.
+    Label smoothing then spreads over the tokens the heads can emit, not over a floor of -1e9."""
+    classes = classes.to(labels.device)
+    index = torch.searchsorted(classes, labels).clamp_max(classes.numel() - 1)
+    if not bool((classes[index] == labels).all()):
+        missing = sorted(set(labels[classes[index] != labels].tolist()))[:5]
+        raise ValueError(f"target tokens {missing} are not among the heads' tokens (model.head_vocabulary)")
+    return logits.index_select(-1, classes.to(logits.device)), index
+
+
 def per_sample_task_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy (classification; optionally label-smoothed) or squared error (regression, one
     output), per sample.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmexit.errors import RecipeError
-from mmexit.training.base import ExitLoss, depth_weights, flatten_tokens, model_inputs, per_sample_task_loss
+from mmexit.training.base import (ExitLoss, depth_weights, flatten_tokens, model_inputs, per_sample_task_loss,
+                                  restrict_classes)
 
 
 class JointLoss(ExitLoss):
@@ -17,19 +20,26 @@ class JointLoss(ExitLoss):
     distill_weight > 0 adds  distill_weight * mean_i<M KL(p_final || p_i)  at ``temperature``
     (BEEM's optional KL-to-final term; the final exit's distribution is detached).
     label_smoothing > 0 smooths every exit's cross-entropy targets (captioning's usual 0.1).
+    classes: sorted ids [C] of the only outputs the heads produce (a captioner's ``head_ids``; the
+    other logits sit at a floor of -1e9): the loss and the KL term are computed over those alone, so
+    smoothing spreads over the tokens a head can emit (over the floor it added ~1e8 to the loss and
+    pulled every head toward a flat distribution).
     """
 
     def __init__(self, weights: str | list = "depth", distill_weight: float = 0.0, temperature: float = 1.0,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, classes: Optional[Tensor] = None) -> None:
         if not isinstance(weights, (list, tuple)) and weights not in ("depth", "uniform"):
             raise RecipeError(f"train.loss.weights: {weights!r} is not allowed; allowed: depth, uniform or a list")
         self.weights = weights
         self.distill_weight = float(distill_weight)
         self.temperature = float(temperature)
         self.label_smoothing = float(label_smoothing)
+        self.classes = classes
 
     def __call__(self, model, batch: dict[str, Tensor], progress: float) -> tuple[Tensor, dict[str, float]]:
         logits, labels = flatten_tokens(model(**model_inputs(batch)), batch["labels"])  # [exits, N, C], [N]
+        if self.classes is not None:
+            logits, labels = restrict_classes(logits, labels, self.classes)
         per_exit = per_sample_task_loss(logits, labels, self.label_smoothing).mean(-1)  # [exits]
         weights = self._weights(logits.shape[0], logits.device)
         loss = (weights * per_exit).sum()

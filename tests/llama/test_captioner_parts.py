@@ -117,3 +117,27 @@ def test_a_frozen_decoder_with_adapter_heads_gets_a_final_adapter():
         model.exit_modules[-1].linear.bias.fill_(1.0)
         assert not torch.allclose(model.exit_logits(model.num_exits - 1, hidden),
                                   model.adapter.lm_head(model.adapter.final_norm(hidden)))
+
+
+def test_label_smoothing_spreads_over_the_caption_vocabulary_only():
+    """With a caption vocabulary the joint loss is computed over the heads' tokens: label smoothing
+    over the -1e9 floor would add ~1e8 and pull every head flat; restricted, the loss equals
+    cross-entropy over those tokens' logits alone, and a target outside them is refused."""
+    from mmexit.training.joint import JointLoss
+
+    torch.manual_seed(0)
+    ids = [1, 2, 5, 7, 11, 20]
+    model = build_captioner({**llama_spec(exits=[2, 4]), "head_ids": ids}).eval()
+    images, input_ids = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 7, 11], [1, 20, 2, 2]])
+    labels = torch.tensor([[5, 7, 11, 2], [20, 2, -100, -100]])
+    batch = {"images": images, "input_ids": input_ids, "labels": labels}
+    smoothed = JointLoss([1.0, 1.0], label_smoothing=0.1, classes=model.head_ids)
+    loss, _ = smoothed(model, batch, 0.0)
+    floor_loss, _ = JointLoss([1.0, 1.0], label_smoothing=0.1)(model, batch, 0.0)
+    assert float(floor_loss.detach()) > 1e6 > float(loss.detach())  # what the recipe logged before (98 million)
+    logits = model(images=images, input_ids=input_ids)[:, labels != -100][..., ids]  # [exits, N, 6]
+    targets = torch.tensor([ids.index(t) for t in labels[labels != -100].tolist()])
+    expected = torch.stack([torch.nn.functional.cross_entropy(l, targets, label_smoothing=0.1) for l in logits]).mean()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="not among the heads"):
+        smoothed(model, {**batch, "labels": torch.tensor([[5, 7, 11, 3], [20, 2, -100, -100]])}, 0.0)
