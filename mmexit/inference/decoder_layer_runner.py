@@ -45,7 +45,8 @@ from mmexit.inference.continuous_core import Upcoming
 from mmexit.inference.exit_loop import decide_at_exit
 from mmexit.inference.scheduler import Outcome
 from mmexit.inference.slot_pool import SlotTensors
-from mmexit.models.kv_cache import DecoderCache, RowsPlan, SlotCache
+from mmexit.models.kv_cache import DecoderCache
+from mmexit.models.slot_cache import RowsPlan, SlotCache
 
 #: (slot ids, cache positions, exit hidden [n, width]) of stopped tokens with K/V still to propagate
 Pending = tuple[list[int], list[int], Tensor]

@@ -388,7 +388,8 @@ def test_state_propagation_folded_into_calls_or_not(models, references, family, 
 def test_rows_plan_writes_and_reads_as_the_generic_path(models, uniform):
     """SlotCache.write_rows_and_read with a plan (flat index_copy_ writes, additive mask from the table,
     None when every row sits at the same position) == the generic per-row path (index_put, bool mask)."""
-    from mmexit.models.kv_cache import DecoderCache, SlotCache
+    from mmexit.models.kv_cache import DecoderCache
+    from mmexit.models.slot_cache import SlotCache
 
     adapter = models["llama"][0].adapter
     torch.manual_seed(5)
@@ -418,7 +419,7 @@ def test_rows_plan_writes_and_reads_as_the_generic_path(models, uniform):
 def test_a_subset_plan_equals_the_plan_of_those_rows(models):
     """RowsPlan.subset (the rows that go on after an exit keep their plan) reads and writes what a plan
     built for those rows alone does; its length stays the parent's, past a row's own position masked."""
-    from mmexit.models.kv_cache import SlotCache
+    from mmexit.models.slot_cache import SlotCache
 
     adapter = models["llama"][0].adapter
     torch.manual_seed(6)

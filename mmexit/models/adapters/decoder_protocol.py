@@ -24,7 +24,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from mmexit.models.kv_cache import DecoderCache, SlotCache
+from mmexit.models.kv_cache import DecoderCache
+from mmexit.models.slot_cache import SlotCache
 
 
 @runtime_checkable

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
 from mmexit.models.adapters.decoder_protocol import DecoderAdapter
-from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
+from mmexit.models.kv_cache import DecoderCache, chunk_layout, span_mask
+from mmexit.models.slot_cache import SlotCache
 
 
 def build_gpt2_decoder(vocab_size: int, pretrained: str | None = None, special_ids: dict | None = None,

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from mmexit.errors import ModelLoadError
 from mmexit.models.adapters.decoder_protocol import DecoderAdapter
-from mmexit.models.kv_cache import DecoderCache, SlotCache, chunk_layout, span_mask
+from mmexit.models.kv_cache import DecoderCache, chunk_layout, span_mask
+from mmexit.models.slot_cache import SlotCache
 from mmexit.sources import resolve_packaged
 
 #: LlamaConfig keys that rebuild a decoder's shape (saved with a trained captioner)
