@@ -109,7 +109,7 @@ class SlotCache(DecoderCache):
 
     # ------------------------------------------------------------------ admission
     def admit(self, adapter, slots: Tensor, features: Tensor) -> None:
-        """Images features [n, patches, width] take the slots [n]: their constants and prefix K/V."""
+        """Images features [n, patches, width] take the slots [n]: their features and prefix K/V."""
         self.admit_staged(slots, self.stage(adapter, features), 0)
 
     def stage(self, adapter, features: Tensor) -> DecoderCache:
@@ -167,10 +167,7 @@ class SlotCache(DecoderCache):
                 self.constants[layer] = tuple(pool[:, i] for i in range(len(constant)))
             else:
                 self.constants[layer] = tuple(part.new_zeros(self.slots, *part.shape[1:]) for part in constant)
-        for pool, part in zip(self.constants[layer], constant):
-            if pool.shape[1:] != part.shape[1:]:
-                raise ValueError(f"image features of shape {tuple(part.shape[1:])} do not fit this cache's "
-                                 f"{tuple(pool.shape[1:])} (every image must have the same patches)")
+        for pool, part in zip(self.constants[layer], constant):  # (feature shapes were checked at admission)
             pool.index_copy_(0, slots, part)
 
     # ------------------------------------------------------------------ rows at their own positions
