@@ -166,3 +166,16 @@ def test_schema_module_prints_every_key_of_both_tasks():
                 "`model.decoder.config`", "`evaluate.policy`", "`calibration.labels`", "`data.scenes.num_train`"):
         assert key in out.stdout, key
     assert "## task: text_classification" in out.stdout and "## task: captioning" in out.stdout
+
+
+def test_importing_mmexit_turns_hub_kernels_off_unless_the_user_chose():
+    """transformers would otherwise fetch layer kernels from the hub at load time (offline here) and
+    refuses to load a model beside an incompatible `kernels` package."""
+    import os
+
+    code = "import mmexit, os; print(os.environ['USE_HUB_KERNELS'])"
+    env = {key: value for key, value in os.environ.items() if key != "USE_HUB_KERNELS"}
+    unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "USE_HUB_KERNELS": "YES"}, cwd=REPO)
+    assert (unset.stdout.strip(), chosen.stdout.strip()) == ("NO", "YES")
