@@ -63,6 +63,15 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch, capsys):
     assert [row[0].strip() for row in table[1:]] == ["train", "calib"]
     losses = [float(cell) for row in table[1:] for cell in row[3:]]
     assert len(losses) == 2 * 2 and all(0 < loss < 20 for loss in losses)  # 2 splits x 2 exits
+    # tools/beam_settings.py: the full model's dev scores per beam size and length penalty
+    spec = importlib.util.spec_from_file_location("beam_settings", REPO / "tools" / "beam_settings.py")
+    beams = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(beams)
+    capsys.readouterr()
+    assert beams.main([str(out), "--beams", "2", "--penalties", "0", "1", "--images", "6"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(row[0].strip(), row[1].strip()) for row in table[1:]] == [("2", "0"), ("2", "1")]
+    assert all(0 <= float(row[2]) <= 1 and 1 <= int(row[6]) <= 6 for row in table[1:])  # BLEU-4; distinct of 6
     entries = list((cache / "features").rglob("*.pt"))
     assert len(entries) == 48 + 12 + 12  # every photo of the slice encoded once, unpooled
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The full model's caption scores on the dev split (the recipe's calibration split) for several
+beam sizes and length penalties: choose the decoding on dev, then set evaluate.beam_size and
+evaluate.length_penalty in the recipe (never choose on test).
+
+    python tools/beam_settings.py outputs/f8k_lr_drop --beams 5 --penalties 0 0.5 1 1.5 2
+
+Score = hypothesis log-probability / length ** penalty (0 favours short captions, larger values
+longer ones). A frozen encoder's features come from the feature cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import mmexit  # noqa: E402
+from mmexit.errors import MMExitError  # noqa: E402
+from mmexit.evaluation.caption_eval import captions_of, decode, project  # noqa: E402
+from mmexit.evaluation.caption_metrics import CaptionScorer  # noqa: E402
+from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
+from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
+
+SHOWN = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "distinct_captions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a trained captioning run folder")
+    parser.add_argument("--beams", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    parser.add_argument("--images", type=int, default=None, help="the first N dev photos (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        predictor = mmexit.load(args.run_dir)
+        if predictor.task != "captioning":
+            raise MMExitError(f"{args.run_dir}: a {predictor.task} run; beam settings are for captioning runs")
+        model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
+        items = load_splits(recipe)["calib"][:args.images]
+    except MMExitError as error:
+        print(f"beam_settings: error: {error}", file=sys.stderr)
+        return 2
+    encoded = encoder_outputs(model.encoder, [item.path for item in items], image_norm(recipe),
+                              recipe["data"]["cache_dir"], progress=False)
+    features = project(model, encoded)
+    scorer = CaptionScorer({item.image_id: item.captions for item in items})
+    print(f"{len(items)} dev photos, full model, `{args.run_dir}`\n")
+    print("| beam | length penalty | " + " | ".join(SHOWN) + " | s |")
+    print("|---|---|" + "---|" * (len(SHOWN) + 1))
+    for beam in args.beams:
+        for penalty in args.penalties:
+            evaluate = dict(recipe["evaluate"], decoding="beam", beam_size=beam, length_penalty=penalty)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                result = decode(model, features, None, evaluate, args.batch_size, tokenizer)
+            seconds = time.perf_counter() - start
+            scores = scorer.score(captions_of(result, items, tokenizer))
+            cells = [f"{scores[m]:.3f}" if m in scores and m != "distinct_captions" else str(scores.get(m, "-"))
+                     for m in SHOWN]
+            print(f"| {beam} | {penalty:g} | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
