@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import mmexit  # noqa: E402
 from mmexit.errors import MMExitError  # noqa: E402
 from mmexit.evaluation.caption_eval import captions_of, decode, project  # noqa: E402
 from mmexit.evaluation.caption_metrics import CaptionScorer  # noqa: E402
+from mmexit.serve.load import load_captioning  # noqa: E402
 from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
 from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
 
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = mmexit.load(args.run_dir)
-        if predictor.task != "captioning":
-            raise MMExitError(f"{args.run_dir}: a {predictor.task} run; beam settings are for captioning runs")
+        predictor = load_captioning(args.run_dir, "beam settings are for captioning runs")
         model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
         items = load_splits(recipe)["calib"][:args.images]
     except MMExitError as error:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import mmexit  # noqa: E402
 from mmexit.errors import MMExitError  # noqa: E402
+from mmexit.serve.load import load_captioning  # noqa: E402
 from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
 from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
 from mmexit.training.held_out import exit_losses  # noqa: E402
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = mmexit.load(args.run_dir)
-        if predictor.task != "captioning":
-            raise MMExitError(f"{args.run_dir}: a {predictor.task} run; exit losses are for captioning runs")
+        predictor = load_captioning(args.run_dir, "exit losses are for captioning runs")
         model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
         splits = load_splits(recipe)
     except MMExitError as error:

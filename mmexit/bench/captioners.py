@@ -15,7 +15,7 @@ from mmexit.errors import ModelLoadError
 from mmexit.exits.base import ExitRule
 from mmexit.models.captioner import Captioner, build_captioner, load_captioner
 from mmexit.serve.caption_predictor import open_image
-from mmexit.serve.load import load
+from mmexit.serve.load import load_captioning
 from mmexit.tasks.captioning import load_splits
 
 RANDOM = "random"
@@ -100,9 +100,7 @@ class CaptionRun:
 def load_caption_run(run_dir: str, rule: Optional[str], images: int, device: Optional[str] = None) -> CaptionRun:
     """The run (``mmexit.load``), its rule at ``rule`` (``resolve_rule``; default: its chosen point) and
     its first ``images`` test images, encoded."""
-    predictor = load(run_dir, rule=rule, device=device)
-    if predictor.task != "captioning":
-        raise ModelLoadError(f"{run_dir}: a {predictor.task} run; this bench decodes captions")
+    predictor = load_captioning(run_dir, "this bench decodes captions", rule=rule, device=device)
     recipe = predictor.recipe
     paths = test_images(recipe, images)
     pixels = torch.stack([open_image(path, i, *image_args(recipe)) for i, path in enumerate(paths)])

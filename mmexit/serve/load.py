@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+from mmexit.errors import ModelLoadError
 from mmexit.models.precision import apply_precision, check_dtype
 from mmexit.recipe.tasks import task_for
 from mmexit.serve.caption_predictor import CaptionPredictor
@@ -36,4 +37,13 @@ def load(run_dir: Union[str, Path], rule: RuleChoice = None, device: Optional[st
     kind = CaptionPredictor if recipe["task"] == "captioning" else TextPredictor
     predictor = kind(folder, recipe, model, processor, chosen, key, device)
     predictor.weights_released = not weights
+    return predictor
+
+
+def load_captioning(run_dir: Union[str, Path], purpose: str, **options) -> CaptionPredictor:
+    """``load(run_dir, **options)`` of a captioning run; one ModelLoadError line naming the run's task
+    and ``purpose`` (e.g. "this bench decodes captions") otherwise."""
+    predictor = load(run_dir, **options)
+    if predictor.task != "captioning":
+        raise ModelLoadError(f"{run_dir}: a {predictor.task} run; {purpose}")
     return predictor
