@@ -95,6 +95,8 @@ class CaptionRun:
     bos: int
     eos: int
     label: str
+    recipe: Optional[dict] = None  # the run's recipe (None for a captioner without a run)
+    tokenizer: object = None  # the run's caption tokenizer (encode, bos_id, eos_id)
 
 
 def load_caption_run(run_dir: str, rule: Optional[str], images: int, device: Optional[str] = None) -> CaptionRun:
@@ -110,7 +112,7 @@ def load_caption_run(run_dir: str, rule: Optional[str], images: int, device: Opt
     chosen = None if predictor.operating_point == "full" else predictor.rule
     tokenizer = predictor.processor
     return CaptionRun(model, features, chosen, predictor.operating_point, recipe["evaluate"]["max_len"],
-                      tokenizer.bos_id, tokenizer.eos_id, f"{run_dir} ({predictor.operating_point})")
+                      tokenizer.bos_id, tokenizer.eos_id, f"{run_dir} ({predictor.operating_point})", recipe, tokenizer)
 
 
 def random_rule(spec: Optional[str]) -> tuple[Optional[ExitRule], str]:

@@ -1,14 +1,16 @@
 """``mmexit bench speculative``: exact self-speculative decoding against full greedy decoding, wall-clock.
 
     mmexit bench speculative CAPTION_RUN [--images 16] [--draft-layers 12 18 24] [--draft-tokens 2 3 4]
-        [--repeats 2] [--threads 1] [--costs] [--target 1.3] [--json]
+        [--draft-vocab 1024] [--confidence 0.3 0.5] [--repeats 2] [--threads 1] [--costs] [--target 1.3] [--json]
     mmexit bench speculative LM_FOLDER [--prompt "..."] [--new-tokens 48] [--draft-layers 8 12 15] ...
 
 A captioning run (``mmexit.load``): its first ``--images`` test images, each decoded alone (batch 1)
 by full greedy decoding through mmexit's KV cache and by self-speculative decoding for every (draft
 layer E, draft length k): layers 1..E + exit E's head draft k tokens, layers E+1..L verify them in
 one pass (``mmexit.inference.speculative``). The draft layers must be internal exits of the run's
-model (default: all). ``--costs`` also times a round's parts and prints the cost model's predicted
+model (default: all). ``--draft-vocab N``: the draft head scores only the N most frequent tokens of
+the run's training captions (FR-Spec); ``--confidence C ...``: rows that also stop drafting after a
+token drafted with probability below C (one row per value, beside the fixed-length rows). ``--costs`` also times a round's parts and prints the cost model's predicted
 speed-up, its ceiling when every draft is accepted and the acceptance needed for ``--target``.
 
 A local Hugging Face LLaMA-family causal LM folder (e.g. ``data/cache/smollm2-135m``): plain text
@@ -34,9 +36,11 @@ from mmexit.bench.captioners import load_caption_run
 from mmexit.bench.speculative_costs import add_cost_model, print_cost_model
 from mmexit.errors import ModelLoadError
 from mmexit.evaluation.timing import machine_info, time_alternating
+from mmexit.inference.draft_vocabulary import DraftVocabulary, frequent_tokens
 from mmexit.inference.search import greedy_decode
 from mmexit.inference.speculative import speculative_decode
 from mmexit.inference.text_generation import generate_ids
+from mmexit.tasks.captioning import load_splits
 
 PROMPT = "The history of the printing press begins in"
 
@@ -54,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--images", type=int, default=16, help="test images, each decoded alone")
     group.add_argument("--costs", action="store_true", help="time a round's parts and print the cost model")
     group.add_argument("--target", type=float, default=1.3, help="speed-up whose acceptance --costs reports")
+    group.add_argument("--draft-vocab", type=int, metavar="N",
+                       help="the draft head scores only the N most frequent tokens of the training captions")
+    group.add_argument("--confidence", type=float, nargs="+", default=[],
+                       help="also rows that stop drafting after a token drafted with probability below C")
     group = parser.add_argument_group("a causal LM (plain text)")
     group.add_argument("--prompt", default=PROMPT)
     group.add_argument("--new-tokens", type=int, default=48, help="tokens generated (EOS ignored)")
@@ -83,6 +91,8 @@ def run_caption(args: argparse.Namespace) -> int:
     loaded = load_caption_run(args.run, "full", args.images)
     model, features, max_len, bos, eos = loaded.model, loaded.features, loaded.max_len, loaded.bos, loaded.eos
     layers = args.draft_layers or list(model.exits[:-1])
+    vocabulary = caption_draft_vocabulary(loaded, args.draft_vocab) if args.draft_vocab else None
+    draft_ids = None if vocabulary is None else vocabulary.ids
 
     def full():
         return [greedy_decode(model, features[i:i + 1], None, max_len, bos, eos, "propagate").tokens[0]
@@ -93,9 +103,13 @@ def run_caption(args: argparse.Namespace) -> int:
         results, candidates = {}, {"full greedy": full}
         for layer in layers:
             for k in args.draft_tokens:
-                name = f"speculative E={layer} k={k}"
-                results[name] = speculative_decode(model, features, layer, k, max_len, bos, eos)
-                candidates[name] = lambda layer=layer, k=k: speculative_decode(model, features, layer, k, max_len, bos, eos)
+                for confidence in [None, *args.confidence]:
+                    name = f"speculative E={layer} k={k}" + ("" if confidence is None else f" conf {confidence:g}")
+
+                    def decode(layer=layer, k=k, confidence=confidence):
+                        return speculative_decode(model, features, layer, k, max_len, bos, eos, draft_ids, confidence)
+
+                    results[name], candidates[name] = decode(), decode
     seconds = time_alternating(candidates, repeats=repeats, warmup=0)
     base = seconds["full greedy"]
     rows = [{"decoder": "full greedy", "exact": True, "acceptance": None, "tokens_per_round": 1.0,
@@ -108,9 +122,11 @@ def run_caption(args: argparse.Namespace) -> int:
                      "speedup": base / seconds[name]})
     if args.costs:
         with torch.inference_mode():
-            add_cost_model(rows, results, model, features, max_len, args.target, reference)
+            add_cost_model(rows, results, model, features, max_len, args.target, reference, draft_ids)
     info = {"machine": machine_info(), "run": args.run, "images": int(features.shape[0]), "max_len": max_len,
-            "layers": model.num_layers, "exits": model.exits, "threads": torch.get_num_threads(), "repeats": repeats}
+            "layers": model.num_layers, "exits": model.exits, "threads": torch.get_num_threads(), "repeats": repeats,
+            "draft_vocabulary": None if vocabulary is None else
+            {"size": int(vocabulary.ids.numel()), "coverage": round(vocabulary.coverage, 4)}}
     if args.json:
         print(json.dumps({**info, "rows": rows}, indent=2))
         return 0
@@ -119,6 +135,13 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.costs:
         print_cost_model(rows, args.target)
     return 0
+
+
+def caption_draft_vocabulary(loaded, size: int) -> DraftVocabulary:
+    """The ``size`` most frequent tokens of the run's training captions (+ EOS), among its heads' tokens."""
+    captions = [caption for item in load_splits(loaded.recipe)["train"] for caption in item.captions]
+    return frequent_tokens(loaded.tokenizer.encode, captions, size, always=[loaded.eos],
+                           allowed=getattr(loaded.model, "head_ids", None))
 
 
 def run_text(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ from mmexit.errors import ModelLoadError, RecipeError
 from mmexit.models.adapters.decoder_protocol import DecoderAdapter
 from mmexit.models.adapters.decoders import decoder_adapter, decoder_family
 from mmexit.models.adapters.vision import FrozenEncoder, build_image_encoder
+from mmexit.models.head_rows import HeadRows, scores
 from mmexit.models.lora import add_lora, check_lora, is_lora_parameter, merge_lora
 from mmexit.models.precision import compute_dtype
 
@@ -86,6 +87,7 @@ class Captioner(nn.Module):
         head_ids = self.spec.get("head_ids")  # the token ids the heads may emit (None: the whole vocabulary)
         self.register_buffer("head_ids", torch.tensor(sorted(set(head_ids)), dtype=torch.long) if head_ids else None,
                              persistent=False)
+        self.head_rows = HeadRows()  # the LM head's rows for head_ids / a draft vocabulary, kept while weights stay
         self.encoder_frozen = any(isinstance(module, FrozenEncoder) for module in encoder.modules())
         self.decoder_frozen = bool((self.spec.get("decoder") or {}).get("freeze"))
         if self.decoder_frozen:  # the pretrained LM stays as it is; exits and the projection train
@@ -150,21 +152,29 @@ class Captioner(nn.Module):
         """Token + position embeddings; tokens [...], positions broadcastable -> [..., width]."""
         return self.adapter.embed(tokens, positions)
 
-    def exit_logits(self, exit_index: int, hidden: Tensor) -> Tensor:
-        """Exit ``exit_index``'s logits [..., vocab] from the hidden state [..., width] after its layer."""
+    def exit_hidden(self, exit_index: int, hidden: Tensor) -> Tensor:
+        """The hidden state [..., width] after exit ``exit_index``'s layer -> what its LM head reads
+        (the exit's adapter or norm, then the final norm)."""
         if exit_index < len(self.exit_modules):
             module = self.exit_modules[exit_index]
-            hidden = module(hidden) if self.exit_head == "norm" else self.adapter.final_norm(module(hidden))
-        else:
-            hidden = self.adapter.final_norm(hidden)
+            return module(hidden) if self.exit_head == "norm" else self.adapter.final_norm(module(hidden))
+        return self.adapter.final_norm(hidden)
+
+    def exit_scores(self, exit_index: int, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """Exit ``exit_index``'s logits for ``token_ids`` [n] only (sorted, a subset of the head's
+        tokens): hidden [..., width] -> [..., n]. What a draft over a short vocabulary computes."""
+        return scores(self.exit_hidden(exit_index, hidden), self.adapter.decoder.lm_head, token_ids, self.head_rows)
+
+    def exit_logits(self, exit_index: int, hidden: Tensor) -> Tensor:
+        """Exit ``exit_index``'s logits [..., vocab] from the hidden state [..., width] after its layer."""
+        hidden = self.exit_hidden(exit_index, hidden)
         if self.head_ids is None:
             return self.adapter.lm_head(hidden)
-        # a caption vocabulary: only its rows of the LM head are computed (SmolLM2: ~1.5k of 49k rows,
+        # a caption vocabulary: only its rows of the LM head are computed (SmolLM2: ~7.4k of 49k rows,
         # an exit head then costs less than a layer); the other tokens get a large finite negative
         # (not -inf: 0 * inf would make a distillation term NaN)
         head = self.adapter.decoder.lm_head  # nn.Linear [vocab, width] (every adapter: DecoderAdapter.decoder)
-        rows = nn.functional.linear(hidden, head.weight.index_select(0, self.head_ids),
-                                    None if head.bias is None else head.bias.index_select(0, self.head_ids))
+        rows = scores(hidden, head, self.head_ids, self.head_rows)
         floor = -3.0e4 if rows.dtype == torch.float16 else -1.0e9
         logits = rows.new_full((*hidden.shape[:-1], self.vocab_size), floor)
         return logits.index_copy_(-1, self.head_ids, rows)

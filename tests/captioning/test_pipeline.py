@@ -110,12 +110,17 @@ def test_reduced_quickstart_end_to_end(tmp_path):
 
     bench = [sys.executable, "-m", "mmexit.runner", "bench"]
     speculative = subprocess.run([*bench, "speculative", str(out), "--images", "4", "--draft-layers", "1", "2",
-                                  "--draft-tokens", "2", "--repeats", "1", "--costs", "--json"],
+                                  "--draft-tokens", "2", "--repeats", "1", "--costs", "--json",
+                                  "--draft-vocab", "6", "--confidence", "0.3"],
                                  capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert speculative.returncode == 0, speculative.stderr[-2000:]
     report = json.loads(speculative.stdout)
-    assert len(report["rows"]) == 3 and all(row["exact"] for row in report["rows"])
+    assert len(report["rows"]) == 5 and all(row["exact"] for row in report["rows"])
+    assert report["draft_vocabulary"]["size"] <= 7 and 0 < report["draft_vocabulary"]["coverage"] < 1
     for row in report["rows"][1:]:  # the cost model: a ceiling (every draft kept) above its prediction
+        if " conf " in row["decoder"]:  # drafts stopped early: no cost-model prediction
+            assert row["predicted_speedup"] is None
+            continue
         assert row["ceiling_speedup"] >= row["predicted_speedup"] > 0
         assert row["part_costs_ms"]["span"]["2"] > 0
     continuous = subprocess.run([*bench, "caption", str(out), "--rule", "maxprob@0.5", "--images", "6", "--rows", "3",
