@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = load_captioning(args.run_dir, "beam settings are for captioning runs")
+        predictor = load_captioning(args.run_dir, "beam settings are for captioning runs", rule="full")
         model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
         items = load_splits(recipe)["calib"][:args.images]
     except MMExitError as error:

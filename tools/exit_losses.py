@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = load_captioning(args.run_dir, "exit losses are for captioning runs")
+        predictor = load_captioning(args.run_dir, "exit losses are for captioning runs", rule="full")
         model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
         splits = load_splits(recipe)
     except MMExitError as error:
