@@ -88,3 +88,30 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch, capsys):
     assert run_validated(again)
     predictions = json.loads((tmp_path / "out2" / "predictions" / "full_test.json").read_text())
     assert len(predictions) == 12
+
+    # tools/distill_exits.py on a train-only run with per-exit adapters: a new run folder whose full
+    # model decodes as the source's, its recipe pointed at it (calibrate -> evaluate -> report)
+    adapters = validate_recipe(load_recipe(RECIPE, [*SLICE, f"data.cache_dir={cache}", "model.exit_head=adapter",
+                                                    "run.stages=[train]", f"run.output_dir={tmp_path / 'out3'}"]))
+    run_validated(adapters)
+    spec = importlib.util.spec_from_file_location("distill_exits", REPO / "tools" / "distill_exits.py")
+    distill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(distill)
+    capsys.readouterr()
+    distilled = tmp_path / "distilled"
+    assert distill.main([str(tmp_path / "out3"), str(distilled), "--images", "24", "--held-out", "6",
+                         "--epochs", "2"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in table[1:]] == ["1"]  # the one internal exit of the 2-layer decoder
+    report = json.loads((distilled / "distill_exits.json").read_text())
+    assert report["images"] == 24 and len(report["held_out_agreement"][0]) == 3  # before + 2 epochs
+    moved = load_recipe(distilled / "recipe.yaml", [])
+    assert moved["run"]["output_dir"] == str(distilled) and moved["run"]["stages"] == ["calibrate", "evaluate", "report"]
+    import mmexit
+
+    photos = [FLICKR8K / "Flicker8k_Dataset" / json.loads(line)["image"]
+              for line in (out / "predictions_test.jsonl").read_text().splitlines()[:4]]
+    before = mmexit.load(tmp_path / "out3", rule="full", device="cpu").caption(photos)
+    after = mmexit.load(distilled, rule="full", device="cpu").caption(photos)
+    assert [r["caption"] for r in after] == [r["caption"] for r in before]
+    assert distill.main([str(tmp_path / "out3"), str(distilled)]) == 2  # never over an existing folder
