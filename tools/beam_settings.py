@@ -3,7 +3,7 @@
 beam sizes and length penalties: choose the decoding on dev, then set evaluate.beam_size and
 evaluate.length_penalty in the recipe (never choose on test).
 
-    python tools/beam_settings.py outputs/f8k_lr_drop --beams 5 --penalties 0 0.5 1 1.5 2
+    python tools/beam_settings.py outputs/f8k_lr_drop --beams 5 --penalties 0 0.5 1 1.5 2 [--no-repeat 0 3]
 
 Score = hypothesis log-probability / length ** penalty (0 favours short captions, larger values
 longer ones). A frozen encoder's features come from the feature cache.
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a trained captioning run folder")
     parser.add_argument("--beams", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    parser.add_argument("--no-repeat", type=int, nargs="+", default=[0],
+                        help="no-repeat n-gram sizes (evaluate.no_repeat_ngram; 0: off)")
     parser.add_argument("--images", type=int, default=None, help="the first N dev photos (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -53,19 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     features = project(model, encoded)
     scorer = CaptionScorer({item.image_id: item.captions for item in items})
     print(f"{len(items)} dev photos, full model, `{args.run_dir}`\n")
-    print("| beam | length penalty | " + " | ".join(SHOWN) + " | s |")
-    print("|---|---|" + "---|" * (len(SHOWN) + 1))
-    for beam in args.beams:
-        for penalty in args.penalties:
-            evaluate = dict(recipe["evaluate"], decoding="beam", beam_size=beam, length_penalty=penalty)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                result = decode(model, features, None, evaluate, args.batch_size, tokenizer)
-            seconds = time.perf_counter() - start
-            scores = scorer.score(captions_of(result, items, tokenizer))
-            cells = [f"{scores[m]:.3f}" if m in scores and m != "distinct_captions" else str(scores.get(m, "-"))
-                     for m in SHOWN]
-            print(f"| {beam} | {penalty:g} | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
+    print("| beam | length penalty | no-repeat n-gram | " + " | ".join(SHOWN) + " | s |")
+    print("|---|---|---|" + "---|" * (len(SHOWN) + 1))
+    for beam, penalty, no_repeat in [(b, p, n) for b in args.beams for p in args.penalties for n in args.no_repeat]:
+        evaluate = dict(recipe["evaluate"], decoding="beam", beam_size=beam, length_penalty=penalty,
+                        no_repeat_ngram=no_repeat)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = decode(model, features, None, evaluate, args.batch_size, tokenizer)
+        seconds = time.perf_counter() - start
+        scores = scorer.score(captions_of(result, items, tokenizer))
+        cells = [f"{scores[m]:.3f}" if m in scores and m != "distinct_captions" else str(scores.get(m, "-"))
+                 for m in SHOWN]
+        print(f"| {beam} | {penalty:g} | {no_repeat} | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
     return 0
 
 

@@ -35,7 +35,8 @@ def decode(model, features: torch.Tensor, rule: Optional[ExitRule], evaluate: di
         batch = features[start:start + batch_size]
         if evaluate["decoding"] == "beam":
             result = beam_decode(model, batch, rule, evaluate["beam_size"], evaluate["max_len"], tokenizer.bos_id,
-                                 tokenizer.eos_id, evaluate["length_penalty"], policy)
+                                 tokenizer.eos_id, evaluate["length_penalty"], policy,
+                                 no_repeat_ngram=evaluate.get("no_repeat_ngram", 0))
         else:
             result = greedy_decode(model, batch, rule, evaluate["max_len"], tokenizer.bos_id, tokenizer.eos_id, policy)
         tokens += result.tokens

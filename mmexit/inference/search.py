@@ -84,13 +84,14 @@ def greedy_decode(model, features: Tensor, rule: Optional[ExitRule] = None, max_
 @torch.inference_mode()
 def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_size: int = 3, max_len: int = 20,
                 bos_id: int = 1, eos_id: int = 2, length_penalty: float = 1.0, policy: str = PROPAGATE,
-                stepper_class: type = CachedStepper) -> DecodeResult:
+                stepper_class: type = CachedStepper, no_repeat_ngram: int = 0) -> DecodeResult:
     """Beam search with per-beam early exit; the best finished hypothesis per image.
 
     Each beam is a row of the cache; after each step the cache rows are reordered to the beams'
     origins. An EOS among the first ``beam_size`` candidates finishes a hypothesis (score /
     length ** length_penalty); an image is done when it has ``beam_size`` finished hypotheses
-    (early stopping); at ``max_len`` its live beams are finished as they are.
+    (early stopping); at ``max_len`` its live beams are finished as they are. ``no_repeat_ngram``
+    n > 0: a beam never extends into an n-gram it already holds (0: off).
     """
     batch, device = features.shape[0], features.device
     k = beam_size
@@ -108,6 +109,10 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
         step_layers.append(int(all_layers[-1].max()))
         n = len(images)
         log_probs = logits.float().log_softmax(-1)
+        if no_repeat_ngram > 0 and t >= no_repeat_ngram - 1:
+            rows, banned = repeated_ngram_bans(history.tolist(), no_repeat_ngram)
+            if rows:
+                log_probs[torch.tensor(rows, device=device), torch.tensor(banned, device=device)] = float("-inf")
         vocab = log_probs.shape[-1]
         candidates = (scores.view(n, k, 1) + log_probs.view(n, k, vocab)).view(n, k * vocab)
         top_scores, top_index = candidates.topk(2 * k, dim=1)  # [n, 2k]
@@ -155,3 +160,17 @@ def beam_decode(model, features: Tensor, rule: Optional[ExitRule] = None, beam_s
     flat = torch.cat(all_layers) if all_layers else torch.zeros(0, dtype=torch.long)
     return DecodeResult(best, flat, _exit_positions(model, flat), [], simulated=policy == ORACLE,
                         catchup_layers=stepper.catchup_layers, step_layers=step_layers)
+
+
+def repeated_ngram_bans(histories: list[list[int]], n: int) -> tuple[list[int], list[int]]:
+    """(rows, tokens): for each history (generated tokens of a beam), the tokens that would repeat
+    one of its n-grams (its last n - 1 tokens followed by the token, seen before), as index pairs."""
+    rows, tokens = [], []
+    for row, history in enumerate(histories):
+        if len(history) < n - 1:
+            continue
+        tail = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+        seen = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == tail}
+        rows.extend([row] * len(seen))
+        tokens.extend(sorted(seen))
+    return rows, tokens

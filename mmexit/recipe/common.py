@@ -29,6 +29,10 @@ def positive(value) -> str | None:
     return None if value > 0 else f"must be > 0, got {value}"
 
 
+def non_negative(value) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}"
+
+
 def fraction(value) -> str | None:
     return None if 0 < value < 1 else f"must be between 0 and 1 (exclusive), got {value}"
 

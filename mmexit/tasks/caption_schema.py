@@ -8,7 +8,8 @@ from __future__ import annotations
 from mmexit.data.augment import AUGMENT_DEFAULTS
 from mmexit.evaluation.caption_metrics import ALL_METRICS
 from mmexit.recipe.common import (
-    RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, positive, positive_or_none,
+    RULES, RUN_SCHEMA, TOLERANCE_DOC, batch_sizes_ok, exits_ok, fraction_or_zero, non_negative, positive,
+    positive_or_none,
 )
 from mmexit.recipe.language import Field
 from mmexit.models.adapters.decoders import DECODER_FAMILIES, DEFAULT_DECODER, decoder_docs
@@ -222,6 +223,8 @@ CAPTIONING_SCHEMA = {
         "decoding": Field((str,), default="greedy", choices=("greedy", "beam")),
         "beam_size": Field((int,), default=3, check=positive),
         "length_penalty": Field((float,), default=1.0),
+        "no_repeat_ngram": Field((int,), default=0, check=non_negative,
+                                 doc="beam search: a beam never repeats an n-gram of this size (0: off)"),
         "max_len": Field((int,), default=20, check=positive, doc="generated tokens at most (incl. eos)"),
         "policy": Field((str,), default=PROPAGATE, choices=tuple(KV_POLICIES), doc=KV_POLICY_DOC),
         "batch_size": Field((int,), default=16, check=positive, doc="batch size of sweeps and quality runs"),

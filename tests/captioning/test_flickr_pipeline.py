@@ -68,10 +68,12 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch, capsys):
     beams = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(beams)
     capsys.readouterr()
-    assert beams.main([str(out), "--beams", "2", "--penalties", "0", "1", "--images", "6"]) == 0
+    assert beams.main([str(out), "--beams", "2", "--penalties", "0", "1", "--no-repeat", "0", "2",
+                       "--images", "6"]) == 0
     table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [(row[0].strip(), row[1].strip()) for row in table[1:]] == [("2", "0"), ("2", "1")]
-    assert all(0 <= float(row[2]) <= 1 and 1 <= int(row[6]) <= 6 for row in table[1:])  # BLEU-4; distinct of 6
+    assert [tuple(cell.strip() for cell in row[:3]) for row in table[1:]] == [
+        ("2", "0", "0"), ("2", "0", "2"), ("2", "1", "0"), ("2", "1", "2")]
+    assert all(0 <= float(row[3]) <= 1 and 1 <= int(row[7]) <= 6 for row in table[1:])  # BLEU-4; distinct of 6
     entries = list((cache / "features").rglob("*.pt"))
     assert len(entries) == 48 + 12 + 12  # every photo of the slice encoded once, unpooled
 
