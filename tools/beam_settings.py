@@ -21,11 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mmexit.errors import MMExitError  # noqa: E402
-from mmexit.evaluation.caption_eval import captions_of, decode, project  # noqa: E402
+from mmexit.evaluation.caption_eval import captions_of, decode  # noqa: E402
 from mmexit.evaluation.caption_metrics import CaptionScorer  # noqa: E402
-from mmexit.serve.load import load_captioning  # noqa: E402
-from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
-from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
+from mmexit.serve.caption_run import item_features, load_full_caption_run  # noqa: E402
 
 SHOWN = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "distinct_captions")
 
@@ -44,15 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = load_captioning(args.run_dir, "beam settings are for captioning runs", rule="full")
-        model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
-        items = load_splits(recipe)["calib"][:args.images]
+        loaded = load_full_caption_run(args.run_dir, "beam settings are for captioning runs")
     except MMExitError as error:
         print(f"beam_settings: error: {error}", file=sys.stderr)
         return 2
-    encoded = encoder_outputs(model.encoder, [item.path for item in items], image_norm(recipe),
-                              recipe["data"]["cache_dir"], progress=False)
-    features = project(model, encoded)
+    model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
+    items = loaded.splits["calib"][:args.images]
+    features = item_features(model, recipe, items)
     scorer = CaptionScorer({item.image_id: item.captions for item in items})
     print(f"{len(items)} dev photos, full model, `{args.run_dir}`\n")
     print("| beam | length penalty | no-repeat n-gram | " + " | ".join(SHOWN) + " | s |")

@@ -28,22 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mmexit.errors import MMExitError  # noqa: E402
-from mmexit.evaluation.caption_eval import project  # noqa: E402
 from mmexit.inference.search import greedy_decode  # noqa: E402
 from mmexit.models.captioner import save_captioner  # noqa: E402
 from mmexit.recipe.loading import save_recipe  # noqa: E402
-from mmexit.serve.load import load_captioning  # noqa: E402
-from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
-from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
+from mmexit.serve.caption_run import item_features, load_full_caption_run  # noqa: E402
 from mmexit.training.exit_distillation import distill_exits, exit_states  # noqa: E402
 
 
 def greedy_states(model, tokenizer, recipe: dict, items, batch_size: int):
     """The full model's greedy captions of ``items`` and the exits' teacher-forced states on them."""
-    encoded = encoder_outputs(model.encoder, [item.path for item in items], image_norm(recipe),
-                              recipe["data"]["cache_dir"], progress=False)
+    features = item_features(model, recipe, items)  # [N, P, width], projected in inference mode
     with torch.inference_mode():
-        features = project(model, encoded)
         tokens = []
         for start in range(0, features.shape[0], batch_size):
             tokens += greedy_decode(model, features[start:start + batch_size], None, recipe["evaluate"]["max_len"],
@@ -68,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists():
             raise MMExitError(f"{out}: exists (choose a new folder; nothing is written over a run)")
-        predictor = load_captioning(args.run_dir, "exit distillation is for captioning runs", rule="full")
-        model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
-        splits = load_splits(recipe)
-        train_items, held_items = splits["train"][:args.images], splits["calib"][:args.held_out]
+        loaded = load_full_caption_run(args.run_dir, "exit distillation is for captioning runs")
     except MMExitError as error:
         print(f"distill_exits: error: {error}", file=sys.stderr)
         return 2
+    model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
+    train_items, held_items = loaded.splits["train"][:args.images], loaded.splits["calib"][:args.held_out]
     start = time.perf_counter()
     train = greedy_states(model, tokenizer, recipe, train_items, args.batch_size)
     held = greedy_states(model, tokenizer, recipe, held_items, args.batch_size)

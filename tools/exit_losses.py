@@ -20,9 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mmexit.errors import MMExitError  # noqa: E402
-from mmexit.serve.load import load_captioning  # noqa: E402
-from mmexit.tasks.caption_features import encoder_outputs  # noqa: E402
-from mmexit.tasks.captioning import image_norm, load_splits  # noqa: E402
+from mmexit.serve.caption_run import item_features, load_full_caption_run  # noqa: E402
 from mmexit.training.held_out import exit_losses  # noqa: E402
 
 
@@ -36,18 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        predictor = load_captioning(args.run_dir, "exit losses are for captioning runs", rule="full")
-        model, tokenizer, recipe = predictor.model, predictor.processor, predictor.recipe
-        splits = load_splits(recipe)
+        loaded = load_full_caption_run(args.run_dir, "exit losses are for captioning runs")
     except MMExitError as error:
         print(f"exit_losses: error: {error}", file=sys.stderr)
         return 2
+    model, tokenizer, recipe = loaded.model, loaded.tokenizer, loaded.recipe
     print("| split | photos | captions | " + " | ".join(f"exit @ {layer}" for layer in model.exits) + " |")
     print("|---|---|---|" + "---|" * model.num_exits)
     for split in args.splits:
-        items = splits[split][:args.images]
-        features = encoder_outputs(model.encoder, [item.path for item in items], image_norm(recipe),
-                                   recipe["data"]["cache_dir"], progress=False)
+        items = loaded.splits[split][:args.images]
+        features = item_features(model, recipe, items, projected=False)
         captions = [[tokenizer.encode(text) for text in item.captions] for item in items]
         losses = exit_losses(model, features, captions, tokenizer, recipe["train"]["max_length"])
         print(f"| {split} | {len(items)} | {sum(map(len, captions))} | "
