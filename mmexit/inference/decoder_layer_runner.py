@@ -50,6 +50,8 @@ from mmexit.models.slot_cache import RowsPlan, SlotCache
 
 #: (slot ids, cache positions, exit hidden [n, width]) of stopped tokens with K/V still to propagate
 Pending = tuple[list[int], list[int], Tensor]
+#: the slot id of a pending token whose row finished since (its K/V are never read)
+RELEASED = -1
 
 
 @dataclass
@@ -104,13 +106,16 @@ class DecoderLayerRunner:
         # pending at each layer it skipped); the layer's first call that reads some of them projects them all
         self.pending: list[list[Pending]] = [[] for _ in range(self.num_layers)]
         self.pending_slots: list[set[int]] = [set() for _ in range(self.num_layers)]  # slots in each list
+        self.slot_groups: list[list[Pending]] = [[] for _ in range(self.num_slots)]  # groups holding each slot's row
+        # a layer's list is cleared of groups whose rows all finished when it grows past this length
+        self.compact_at = [4 * self.num_slots] * self.num_layers
         # rows of a group that went on whole -> (their positions, their plan), reused by its next call
         self.plans: dict[tuple[int, ...], tuple[tuple[int, ...], RowsPlan]] = {}
 
     @property
     def unpropagated(self) -> list[Pending]:
         """Groups of stopped tokens with K/V still to propagate at some layer (each group once)."""
-        return list({id(group): group for pending in self.pending for group in pending}.values())
+        return list({id(group): group for pending in self.pending for group in pending if _live(group)}.values())
 
     # ------------------------------------------------------------------ admission
     def accept(self, items: Sequence[Tensor] | Tensor) -> list[Tensor]:
@@ -218,8 +223,13 @@ class DecoderLayerRunner:
         self.pending[layer] = []
         self.pending_slots[layer] = set()
         exit_hidden = pending[0][2] if len(pending) == 1 else torch.cat([group[2] for group in pending])
-        self.cache.fold(layer, [slot for group in pending for slot in group[0]],
-                        [position for group in pending for position in group[1]], exit_hidden)
+        slots = [slot for group in pending for slot in group[0]]
+        positions = [position for group in pending for position in group[1]]
+        if RELEASED in slots:  # tokens of rows that finished since they stopped (``release``): never read
+            live = [j for j, slot in enumerate(slots) if slot != RELEASED]
+            exit_hidden = exit_hidden.index_select(0, torch.tensor(live, dtype=torch.long, device=self.device))
+            slots, positions = [slots[j] for j in live], [positions[j] for j in live]
+        self.cache.fold(layer, slots, positions, exit_hidden)
         if not getattr(self.adapter.step_rows, "takes_folded", False):  # projected before the call instead
             self.cache.propagate_folded(self.adapter)
 
@@ -282,32 +292,38 @@ class DecoderLayerRunner:
             positions = [positions[j] for j in going_on]
             next_tokens = [next_tokens[j] for j in going_on]
         if layer < self.num_layers:  # 0-based layers layer..num_layers-1 were skipped
-            group = (rows, positions, hidden)
+            group = (list(rows), positions, hidden)  # its own slot list: ``release`` marks finished rows in it
             for skipped in range(layer, self.num_layers):
                 self.pending[skipped].append(group)
                 self.pending_slots[skipped].update(rows)
+                if len(self.pending[skipped]) > self.compact_at[skipped]:
+                    self._compact(skipped)
+            for slot in rows:
+                self.slot_groups[slot].append(group)
         for slot, position, token in zip(rows, positions, next_tokens):
             self.position[slot], self.token[slot] = position + 1, token
         self._start(rows)
         outcome.restart = rows
 
     def release(self, slot: int) -> None:
-        """A finished (or dropped) row: K/V it still had to propagate are dropped (never read)."""
+        """A finished (or dropped) row: K/V it still had to propagate are dropped (never read). Its
+        entry in each group it is pending in is marked ``RELEASED`` (a group is shared by every layer
+        it skipped; ``_fold_pending`` leaves marked entries out, ``_compact`` drops dead groups)."""
         self.captions[slot] = None
-        replaced: dict[int, Optional[Pending]] = {}  # a group pending at several layers is subset once
-        for layer, pending in enumerate(self.pending):
-            if slot not in self.pending_slots[layer]:
-                continue
-            self.pending_slots[layer].discard(slot)
-            kept = []
-            for group in pending:
-                if slot in group[0]:
-                    if id(group) not in replaced:
-                        keep = [j for j, other in enumerate(group[0]) if other != slot]
-                        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                        replaced[id(group)] = ([group[0][j] for j in keep], [group[1][j] for j in keep],
-                                               group[2].index_select(0, index)) if keep else None
-                    group = replaced[id(group)]
-                if group is not None:
-                    kept.append(group)
-            self.pending[layer] = kept
+        for group in self.slot_groups[slot]:
+            slots = group[0]
+            if slot in slots:
+                slots[slots.index(slot)] = RELEASED
+        self.slot_groups[slot] = []
+        for pending_slots in self.pending_slots:
+            pending_slots.discard(slot)
+
+    def _compact(self, layer: int) -> None:
+        """Drop the groups of ``layer`` whose rows all finished (a layer no row reaches is never folded)."""
+        self.pending[layer] = [group for group in self.pending[layer] if _live(group)]
+        self.compact_at[layer] = max(4 * self.num_slots, 2 * len(self.pending[layer]))
+
+
+def _live(group: Pending) -> bool:
+    """True while some token of the group belongs to a row still decoding."""
+    return any(slot != RELEASED for slot in group[0])

@@ -439,3 +439,24 @@ def test_a_subset_plan_equals_the_plan_of_those_rows(models):
     for mine, theirs in zip(got[:2], expected[:2]):
         assert torch.equal(mine[..., :alone.length, :], theirs)
     assert torch.equal(got[2][..., :alone.length], expected[2]) and bool(torch.isinf(got[2][..., alone.length:]).all())
+
+
+def test_pending_kv_of_finished_rows_are_dropped_and_bounded(models):
+    """Tokens that stop at the first exit leave K/V to propagate at every deeper layer, which no row
+    ever runs: a finished row's entries are marked and the lists of such layers stay bounded
+    (dead groups compacted) however many images go through; nothing live is left at the end."""
+    from mmexit.exits.confidence import FixedExitRule
+
+    model, features, eos = models["gpt2"]
+    many = features.repeat(12, 1, 1)  # 72 images through 2 slots
+    decoder = ContinuousDecoder(model, FixedExitRule(0), MAX_LEN, 2, BOS, -1)  # every caption MAX_LEN tokens
+    decoder.submit(many)
+    runner, longest = decoder.runner, 0
+    while decoder.step():
+        longest = max(longest, *(len(pending) for pending in runner.pending[1:]))
+    assert len(decoder.results) == many.shape[0]
+    assert all(caption.layers == [1] * MAX_LEN for caption in decoder.results.values())
+    # live groups: at most slots x MAX_LEN (one per stopped token of the rows in flight); a list is
+    # compacted at twice that: bounded, where 72 x MAX_LEN groups would pile up without compaction
+    assert 0 < longest <= 2 * 2 * MAX_LEN + 1
+    assert not runner.unpropagated and not any(runner.slot_groups)
