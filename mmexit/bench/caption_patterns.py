@@ -14,9 +14,11 @@ speed-up is known whatever the weights, and every row decodes exactly ``--steps`
   ``deferred`` (whose skipped layers then run in the next deep token's chunk);
 - ``parity@k``: a token stops at exit k when exit k's argmax is even, else runs to the last layer.
 Each pattern runs in the step-synchronous decoder (batches of B) and, for B > 1, in the continuous
-decoder (B slots, ``propagate``; ``alternate`` has no per-row meaning there and is left out).
-Prints per batch size and decoder: layer speed-up, compute speed-up (deferred: catch-up included),
-wall speed-up against the step-synchronous full model and efficiency = wall / layer speed-up.
+decoder (``propagate``; ``alternate`` has no per-row meaning there and is left out) with B slots, or
+``--pool P`` slots and calls of at most B (a pool deeper than a call: the same largest call as the
+step-synchronous batches). Prints per batch size and decoder: layer speed-up, compute speed-up
+(deferred: catch-up included), wall speed-up against the step-synchronous full model, efficiency =
+wall / layer speed-up, and for the continuous decoder the same two against the continuous full model.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import argparse
 import torch
 
 from mmexit.bench.captioners import RANDOM, random_from_args, saved_captioner
+from mmexit.errors import RecipeError
 from mmexit.evaluation.speed import layer_speedup
 from mmexit.evaluation.timing import machine_info, time_alternating
 from mmexit.exits.base import ExitRule
 from mmexit.exits.confidence import FixedExitRule, NeverExitRule
 from mmexit.inference.continuous_decoder import continuous_greedy_decode
+from mmexit.inference.scheduler import SchedulerSettings
 from mmexit.inference.search import greedy_decode
 
 
@@ -73,10 +77,15 @@ def add_arguments(group) -> None:
     group.add_argument("--patterns", action="store_true", help="time fixed exit patterns instead of a rule")
     group.add_argument("--exit", type=int, help="0-based exit index k of the patterns (default: the middle exit)")
     group.add_argument("--steps", type=int, default=20, help="tokens every row decodes (EOS ignored)")
-    group.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1], help="rows per batch = slots")
+    group.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1],
+                       help="rows per batch (step-sync) = the largest layer call (continuous)")
+    group.add_argument("--pool", type=int, help="continuous decoder slots (default: the batch size; more: a pool "
+                                                "deeper than a call)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pool is not None and args.pool < 1:
+        raise RecipeError(f"--pool must be >= 1, got {args.pool}")
     if args.threads:
         torch.set_num_threads(args.threads)
     images, repeats = args.images or 32, args.repeats or 5
@@ -101,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     }
     continuous_rules = {name: make for name, (make, policy) in rules.items()
                         if policy == "propagate" and not name.startswith("alternate")}
-    print("| batch | decoder | rule | layer x | compute x | wall x | efficiency |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | decoder | rule | layer x | compute x | wall x | efficiency | x cont. full | efficiency (cont.) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         count = images if batch > 1 else max(4, images // 4)
 
@@ -113,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
         def continuous(make_rule=None):  # EOS -1: every row decodes --steps tokens, as above
             result = continuous_greedy_decode(model, features[:count], make_rule() if make_rule else None, args.steps,
-                                              1, -1, slots=batch)
+                                              1, -1, slots=max(batch, args.pool or batch),
+                                              scheduler=SchedulerSettings(max_call=batch))
             return result.layers, 0
 
         candidates = {("step-sync", "full"): decode}
@@ -130,5 +140,10 @@ def run(args: argparse.Namespace) -> int:
             layer_x = layer_speedup(layers, model.num_layers)
             compute_x = model.num_layers * layers.numel() / float(layers.sum() + catchup)
             wall = times[("step-sync", "full")] / times[(decoder, name)]
-            print(f"| {batch} | {decoder} | {name} | {layer_x:.2f} | {compute_x:.2f} | {wall:.2f} | {wall / layer_x:.2f} |")
+            against = ""
+            if decoder == "continuous":
+                continuous_x = times[("continuous", "full")] / times[(decoder, name)]
+                against = f" {continuous_x:.2f} | {continuous_x / layer_x:.2f} |"
+            print(f"| {batch} | {decoder} | {name} | {layer_x:.2f} | {compute_x:.2f} | {wall:.2f} | {wall / layer_x:.2f} |"
+                  + (against or " | |"))
     return 0

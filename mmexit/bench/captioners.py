@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from mmexit.calibration.rule_spec import resolve_rule
-from mmexit.errors import ModelLoadError
+from mmexit.errors import ModelLoadError, RecipeError
 from mmexit.exits.base import ExitRule
 from mmexit.models.captioner import Captioner, build_captioner, load_captioner
 from mmexit.serve.caption_predictor import open_image
@@ -52,13 +52,19 @@ def add_random_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heads", type=int, default=4)
     group.add_argument("--vocab", type=int, default=50)
     group.add_argument("--init", type=float, default=0.3, help="initializer_range (peaked logits)")
+    group.add_argument("--image-size", type=int, default=64,
+                       help="pixels of the random images (16-pixel patches: 64 -> 16 patches, 128 -> 64)")
 
 
 def random_from_args(args: argparse.Namespace) -> tuple[Captioner, int, str]:
     """(model, image size, label) of ``random_captioner`` with the command line's options, seeded."""
     torch.manual_seed(0)
-    model, size = random_captioner(args.family, args.width, args.layers, args.heads, args.vocab, args.init)
-    return model, size, f"random {args.family} decoder {args.layers}x{args.width}, vocab {args.vocab}"
+    if args.image_size < 16 or args.image_size % 16:
+        raise RecipeError(f"--image-size must be a positive multiple of 16 (16-pixel patches), got {args.image_size}")
+    model, size = random_captioner(args.family, args.width, args.layers, args.heads, args.vocab, args.init,
+                                   args.image_size)
+    patches = (size // 16) ** 2
+    return model, size, f"random {args.family} decoder {args.layers}x{args.width}, vocab {args.vocab}, {patches} patches"
 
 
 def saved_captioner(path: str) -> Captioner:

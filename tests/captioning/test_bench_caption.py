@@ -47,3 +47,21 @@ def test_decoders_option_and_rule_specs():
     assert {row["decoder"] for row in report["rows_table"]} == {"step-sync full", "continuous full", "continuous exit"}
     bad = bench_caption("--rule", "pcee@0.9", "--images", "2")
     assert bad.returncode == 2 and "mmexit: error: rule: 'pcee' needs a calibration" in bad.stderr
+
+
+def test_patterns_with_a_pool_deeper_than_a_call():
+    result = bench_caption("--patterns", "--width", "32", "--layers", "4", "--heads", "2", "--vocab", "30",
+                           "--images", "8", "--steps", "4", "--repeats", "1", "--batch-sizes", "2", "--pool", "4",
+                           "--image-size", "32", "--decoders", "continuous")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 patches" in result.stdout  # 32 pixels, 16-pixel patches
+    rows = {cells[2]: cells for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                                          for line in result.stdout.splitlines() if line.startswith("| 2 | continuous"))}
+    assert float(rows["full"][7]) == 1.0 and float(rows["full"][8]) == 1.0  # against itself
+    assert float(rows["fixed@1"][3]) == 2.0
+    # efficiency against the continuous full model = its wall speed-up / the layer speed-up
+    assert abs(float(rows["fixed@1"][8]) - float(rows["fixed@1"][7]) / 2.0) < 0.011
+    for bad, message in ((("--pool", "0"), "--pool must be >= 1"), (("--image-size", "40"), "--image-size must be")):
+        failed = bench_caption("--patterns", "--images", "2", "--steps", "2", "--repeats", "1", "--batch-sizes", "2",
+                               *bad)
+        assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
