@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -73,16 +73,19 @@ def _trainable_exit(model, exit_index: int) -> nn.Module:
 
 
 @torch.no_grad()
+def _share_agreeing(scores: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                    batch_size: int = 4096) -> float:
+    """The share of positions whose argmax of ``scores(hidden)`` equals ``targets``; hidden [N, width],
+    targets [N] (in the scores' index space), in chunks of ``batch_size``."""
+    hits = sum(int((scores(hidden[start:start + batch_size]).argmax(-1) == targets[start:start + batch_size]).sum())
+               for start in range(0, targets.numel(), batch_size))
+    return hits / max(1, targets.numel())
+
+
 def agreement(model, states: ExitStates, batch_size: int = 4096) -> list[float]:
     """Per internal exit: the share of positions where its greedy token equals the full model's."""
-    rates = []
-    for exit_index in range(states.hidden.shape[0]):
-        hits = 0
-        for start in range(0, states.targets.numel(), batch_size):
-            hidden = states.hidden[exit_index, start:start + batch_size]
-            hits += int((model.exit_logits(exit_index, hidden).argmax(-1) == states.targets[start:start + batch_size]).sum())
-        rates.append(hits / max(1, states.targets.numel()))
-    return rates
+    return [_share_agreeing(lambda hidden, e=exit_index: model.exit_logits(e, hidden), states.hidden[exit_index],
+                            states.targets, batch_size) for exit_index in range(states.hidden.shape[0])]
 
 
 @dataclass
@@ -119,10 +122,7 @@ def distill_exits(model, train: ExitStates, held_out: ExitStates, epochs: int = 
             return nn.functional.linear(normed, weight, bias)
 
         def held_agreement() -> float:
-            with torch.no_grad():
-                hits = sum(int((scores(held_out.hidden[exit_index, s:s + 4096]).argmax(-1)
-                                == held_targets[s:s + 4096]).sum()) for s in range(0, held_targets.numel(), 4096))
-            return hits / max(1, held_targets.numel())
+            return _share_agreeing(scores, held_out.hidden[exit_index], held_targets)
 
         history = [held_agreement()]
         best_state, best_epoch = copy.deepcopy(module.state_dict()), 0
