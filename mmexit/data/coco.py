@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from tqdm import tqdm
 
@@ -127,10 +127,21 @@ def check_items(items: list[CaptionItem], verify_images: bool = True) -> None:
                                 f"{error.__class__.__name__}") from None
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An image as it is meant to be seen: turned by its EXIF Orientation tag (phone photos are stored
+    sideways with a tag saying so), then RGB. An unreadable tag leaves the pixels as stored."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: the stored orientation is all there is
+        pass
+    return image.convert("RGB")
+
+
 def image_tensor(image: Image.Image, image_size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Tensor:
-    """One PIL image -> RGB, resized (bicubic) and normalised: [3, image_size, image_size]."""
-    image = image.convert("RGB")
+    """One PIL image -> upright RGB (``upright_rgb``), resized (bicubic) and normalised:
+    [3, image_size, image_size]."""
+    image = upright_rgb(image)
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

@@ -4,7 +4,8 @@ A frozen encoder gives the same features for the same image every time, and on 2
 DINOv2-S costs about 0.12 s a photo: 8,000 photos are 16 minutes no run should pay twice. The
 cache keeps one file per image under ``<root>/features/<encoder key>/``:
 - the encoder key hashes the encoder's class, every weight (names, shapes, dtypes, bytes) and the
-  preprocessing (image size, mean, std), so another encoder or preprocessing never reads these;
+  preprocessing (image size, mean, std, EXIF orientation), so another encoder or preprocessing never
+  reads these;
 - the file name is the sha256 of the image file's bytes, so an edited photo is a new entry and a
   renamed one is found again.
 Entries are written atomically (a temporary file, then a rename): a killed run leaves whole files.

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
+from mmexit.data.coco import upright_rgb
+
 #: words per caption line in a panel
 WORDS_PER_LINE = 7
 
@@ -52,7 +54,7 @@ def plot_token_layers(images: Sequence[str | Path], captions: Sequence[dict[str,
         if index >= count:
             continue
         with Image.open(images[index]) as photo:
-            axis.imshow(photo.convert("RGB"))
+            axis.imshow(upright_rgb(photo))
         lines = [TextArea(textwrap.shorten(Path(images[index]).name, 40), textprops={"fontsize": 7, "color": "0.4"})]
         for label, words in captions[index].items():
             lines.append(TextArea(f"{label}:", textprops={"fontsize": 8, "fontweight": "bold"}))
@@ -66,13 +68,13 @@ def plot_token_layers(images: Sequence[str | Path], captions: Sequence[dict[str,
                                 bbox_to_anchor=(0.0, -0.02), bbox_transform=axis.transAxes, frameon=False,
                                 borderpad=0)
         axis.add_artist(box)
+    figure.subplots_adjust(hspace=0.7)  # before the colour bar, which takes its room from the laid-out axes
     mappable = cm.ScalarMappable(norm=scale, cmap=palette)
     bar = figure.colorbar(mappable, ax=axes.ravel().tolist(), location="top", fraction=0.03 / rows, pad=0.05,
                           aspect=60, ticks=list(range(1, levels + 1)))
     bar.set_label("decoder layer the token left at")
     if title:
         figure.suptitle(title, fontsize=11)
-    figure.subplots_adjust(hspace=0.7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")

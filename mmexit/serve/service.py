@@ -213,8 +213,10 @@ class CaptionService(Service):
     task = "captioning"
 
     def decode_images(self, blobs: Sequence[bytes]) -> list:
-        """Raw image files -> PIL images (RGB, fully decoded), or RequestError naming the first bad one."""
+        """Raw image files -> PIL images (upright RGB, fully decoded), or RequestError naming the first bad one."""
         from PIL import Image
+
+        from mmexit.data.coco import upright_rgb
 
         limits = self.limits
         if not blobs:
@@ -230,7 +232,7 @@ class CaptionService(Service):
                     if image.size[0] * image.size[1] > limits.max_image_pixels:
                         raise RequestError(413, f"images[{position}]: {image.size[0]}x{image.size[1]} pixels "
                                                 f"(at most {limits.max_image_pixels})")
-                    images.append(image.convert("RGB"))
+                    images.append(upright_rgb(image))
             except RequestError:
                 raise
             except Exception as error:  # PIL raises many types for corrupt files

@@ -34,7 +34,8 @@ def encoder_outputs(encoder: nn.Module, paths: Sequence[Path], norm: dict, cache
 
     if frozen is None or cache_dir is None:
         return torch.cat([compute(list(paths[i:i + batch_size]), encoder) for i in range(0, len(paths), batch_size)])
-    preprocessing = {"image_size": norm["image_size"], "mean": list(norm["mean"]), "std": list(norm["std"])}
+    preprocessing = {"image_size": norm["image_size"], "mean": list(norm["mean"]), "std": list(norm["std"]),
+                     "orientation": "exif"}  # photos turned upright by their EXIF tag (data.coco.upright_rgb)
     cache = FeatureCache(cache_dir, frozen, preprocessing)
     tokens = cache.features(list(paths), lambda chunk: compute(chunk, frozen), batch_size, progress)
     with torch.inference_mode():

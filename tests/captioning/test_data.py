@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmexit.data.coco import check_items, load_coco_annotations, load_images, load_karpathy
 from mmexit.data.scenes import generate_scenes
@@ -87,3 +88,21 @@ def test_image_id_without_captions(tmp_path, scenes):
     path.write_text(json.dumps(karpathy))
     with pytest.raises(DataError, match=rf"image id {karpathy['images'][0]['cocoid']} .* has no captions"):
         load_karpathy(path, scenes / "images")
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone photo is stored sideways with an EXIF tag saying how to turn it: the model sees it upright."""
+    from PIL import Image
+
+    from mmexit.data.coco import image_tensor, read_image
+
+    upright = Image.new("RGB", (6, 8), (250, 0, 0))
+    upright.paste((0, 0, 250), (0, 0, 6, 3))  # a blue top band: any turn moves it
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera wrote it: 8 x 6
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    stored.save(tmp_path / "tagged.png", exif=exif)
+    stored.save(tmp_path / "untagged.png")
+    expected = image_tensor(upright, 8)
+    assert torch.equal(read_image(tmp_path / "tagged.png", 8), expected)
+    assert not torch.equal(read_image(tmp_path / "untagged.png", 8), expected)

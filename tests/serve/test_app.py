@@ -169,6 +169,21 @@ def png(size=(8, 6)) -> bytes:
     return buffer.getvalue()
 
 
+def test_caption_endpoint_turns_photos_upright():
+    """A JPEG stored 8 x 6 with EXIF orientation 6 (turn 90 degrees to display) reaches the model as 6 x 8."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 6), (10, 200, 10)).save(buffer, format="JPEG", exif=exif)
+    service = build_service(FakeCaptioner(), max_batch=4)
+    with TestClient(create_app(service)) as test_client:
+        response = test_client.post("/v1/caption", files=[("images", ("phone.jpg", buffer.getvalue(), "image/jpeg"))])
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["caption"] == "a 6x8 picture"
+
+
 def test_caption_endpoint_multipart_base64_and_bad_images():
     service = build_service(FakeCaptioner(), max_batch=4, limits=Limits(max_images=3))
     with TestClient(create_app(service)) as test_client:
