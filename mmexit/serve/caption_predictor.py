@@ -7,6 +7,7 @@ from typing import Sequence, Union
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from mmexit.data.coco import image_tensor
 from mmexit.errors import DataError
@@ -20,10 +21,21 @@ def open_image(item: ImageInput, position: int, size: int, mean, std) -> torch.T
     """A path or PIL image -> [3, size, size] as the run's encoder expects; one line if unreadable."""
     if isinstance(item, Image.Image):
         return image_tensor(item, size, mean, std)
+    return _with_image(item, position, lambda image: image_tensor(image, size, mean, std))
+
+
+def check_image(item: ImageInput, position: int) -> None:
+    """Fail before any decoding when a path is missing or not an image (its header only is read)."""
+    if not isinstance(item, Image.Image):
+        _with_image(item, position, lambda image: None)
+
+
+def _with_image(item: str | Path, position: int, use):
+    """use(the opened image), or DataError naming the input's position and path."""
     path = Path(item)
     try:
         with Image.open(path) as image:
-            return image_tensor(image, size, mean, std)
+            return use(image)
     except FileNotFoundError:
         raise DataError(f"input {position}: image file does not exist: {path}") from None
     except Exception as error:  # PIL raises many types for corrupt files
@@ -34,19 +46,25 @@ class CaptionPredictor(Predictor):
     """Captions images with the run's captioner, rule, K/V policy and search (greedy or beam)."""
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[dict]:
+    def caption(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool = False) -> list[dict]:
         """Per image: ``caption``, ``tokens`` (ids) and ``layers`` (decoder layers each generated token ran;
-        None under beam search)."""
+        None under beam search). progress: a bar over the photos on stderr."""
         self.check_weights()
         model_cfg, evaluate = self.recipe["model"], self.recipe["evaluate"]
         size, mean, std = model_cfg["image_size"], tuple(model_cfg["image_mean"]), tuple(model_cfg["image_std"])
-        pixels = torch.stack([open_image(item, i, size, mean, std) for i, item in enumerate(images)])
+        for position, item in enumerate(images):
+            check_image(item, position)
         results = []
-        for start in range(0, pixels.shape[0], batch_size):
-            features = self.model.encode(pixels[start:start + batch_size].to(self.device))
+        bar = tqdm(total=len(images), desc="photos", unit="photo", disable=not progress)
+        for start in range(0, len(images), batch_size):  # a batch's photos decoded at a time: a folder of
+            pixels = torch.stack([open_image(item, start + i, size, mean, std)  # thousands fits in memory
+                                  for i, item in enumerate(images[start:start + batch_size])])
+            features = self.model.encode(pixels.to(self.device))
             rule = None if self.operating_point == "full" else self.rule
             result = decode(self.model, features, rule, evaluate, batch_size, self.processor)
             for row, tokens in enumerate(result.tokens):
                 layers = result.token_layers[row] if result.token_layers else None
                 results.append({"caption": self.processor.decode(tokens), "tokens": tokens, "layers": layers})
+            bar.update(len(result.tokens))
+        bar.close()
         return results

@@ -104,7 +104,7 @@ def predict_main(argv: list[str]) -> int:
             if not images:
                 raise DataError("give --image PATH or --input IMAGE_FOLDER")
             results = [{"image": str(path), **result} for path, result in
-                       zip(images, predictor.caption(images, batch_size=args.batch_size))]
+                       zip(images, predictor.caption(images, batch_size=args.batch_size, progress=True))]
             if args.plot:
                 plot_predictions(args, predictor, images, results)
         else:

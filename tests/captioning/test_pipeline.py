@@ -103,6 +103,15 @@ def test_reduced_quickstart_end_to_end(tmp_path):
         assert [r["caption"] for r in results] == [line[entry["key"]]["caption"] for line in lines]
         assert [r["layers"] for r in results] == [line[entry["key"]]["layers"] for line in lines]
     assert mmexit.load(out, device="cpu").operating_point == points[0]["key"]
+    # photos are decoded a batch at a time (any batch size gives the same captions), and a missing or
+    # unreadable one is named before any photo is encoded
+    assert [r["caption"] for r in predictor.caption(images, batch_size=5)] == [r["caption"] for r in results]
+    predictor.model.encode = lambda pixels: pytest.fail("encoded before every input was checked")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    for bad, message in ((tmp_path / "gone.jpg", "input 12: image file does not exist: .*gone.jpg"),
+                         (tmp_path / "notes.jpg", "input 12: cannot read image .*notes.jpg: UnidentifiedImageError")):
+        with pytest.raises(DataError, match=message):
+            predictor.caption(images + [bad], batch_size=5)
     # the benchmark tools read the run folder: speculative captions equal full greedy's, and the
     # continuous decoder's equal the step-synchronous decoder's
     import subprocess
