@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -42,15 +42,44 @@ def _with_image(item: str | Path, position: int, use):
         raise DataError(f"input {position}: cannot read image {path}: {error.__class__.__name__}") from None
 
 
+def search_settings(evaluate: dict, beam_size: Optional[int] = None, length_penalty: Optional[float] = None,
+                    no_repeat_ngram: Optional[int] = None) -> dict:
+    """The run's ``evaluate`` settings with the search overridden where given (one DataError line for a
+    bad value): beam_size 1 is greedy decoding, more is beam search."""
+    evaluate = dict(evaluate)
+    if beam_size is not None:
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise DataError(f"beam_size: expected an integer >= 1 (1: greedy), got {beam_size!r}")
+        evaluate.update(decoding="beam" if beam_size > 1 else "greedy", beam_size=beam_size)
+    if length_penalty is not None:
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+            raise DataError(f"length_penalty: expected a number, got {length_penalty!r}")
+        evaluate["length_penalty"] = float(length_penalty)
+    if no_repeat_ngram is not None:
+        if isinstance(no_repeat_ngram, bool) or not isinstance(no_repeat_ngram, int) or no_repeat_ngram < 0:
+            raise DataError(f"no_repeat_ngram: expected an integer >= 0 (0: off), got {no_repeat_ngram!r}")
+        evaluate["no_repeat_ngram"] = no_repeat_ngram
+    if evaluate["decoding"] != "beam" and (length_penalty is not None or no_repeat_ngram):
+        raise DataError("length_penalty and no_repeat_ngram apply to beam search: give beam_size > 1 too "
+                        "(this run decodes greedily)")
+    return evaluate
+
+
 class CaptionPredictor(Predictor):
     """Captions images with the run's captioner, rule, K/V policy and search (greedy or beam)."""
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool = False) -> list[dict]:
+    def caption(self, images: Sequence[ImageInput], batch_size: int = 16, progress: bool = False,
+                beam_size: Optional[int] = None, length_penalty: Optional[float] = None,
+                no_repeat_ngram: Optional[int] = None) -> list[dict]:
         """Per image: ``caption``, ``tokens`` (ids) and ``layers`` (decoder layers each generated token ran;
-        None under beam search). progress: a bar over the photos on stderr."""
+        None under beam search). progress: a bar over the photos on stderr.
+
+        The search is the run's ``evaluate`` settings unless given: beam_size (1: greedy), length_penalty
+        and no_repeat_ngram (beam search only; e.g. 5, 0.5, 2 for the Flickr8k recipe's best captions)."""
         self.check_weights()
-        model_cfg, evaluate = self.recipe["model"], self.recipe["evaluate"]
+        model_cfg = self.recipe["model"]
+        evaluate = search_settings(self.recipe["evaluate"], beam_size, length_penalty, no_repeat_ngram)
         size, mean, std = model_cfg["image_size"], tuple(model_cfg["image_mean"]), tuple(model_cfg["image_std"])
         for position, item in enumerate(images):
             check_image(item, position)

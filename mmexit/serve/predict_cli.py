@@ -66,6 +66,12 @@ def image_inputs(path: Path) -> list[Path]:
     raise DataError(f"--input: no such file or folder: {path}")
 
 
+def search_options(args) -> dict:
+    """--beam-size, --length-penalty, --no-repeat-ngram as ``CaptionPredictor.caption`` keywords."""
+    return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
+            "no_repeat_ngram": args.no_repeat_ngram}
+
+
 def plot_predictions(args, predictor, images: list[Path], results: list[dict]) -> None:
     """``--plot FILE``: the photos with the full model's captions and the run's rule's (when it is not
     the full model), every word coloured by its exit layer."""
@@ -74,7 +80,8 @@ def plot_predictions(args, predictor, images: list[Path], results: list[dict]) -
     panels = [{} for _ in images]
     if predictor.operating_point != "full":
         full = load(args.run_dir, rule="full", device=args.device, dtype=args.dtype)
-        for panel, result in zip(panels, full.caption(images, batch_size=args.batch_size)):
+        captions = full.caption(images, batch_size=args.batch_size, **search_options(args))
+        for panel, result in zip(panels, captions):
             panel["full"] = token_words(result["tokens"], result["layers"], tokenizer)
     for panel, result in zip(panels, results):
         panel[predictor.operating_point] = token_words(result["tokens"], result["layers"], tokenizer)
@@ -94,6 +101,10 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--plot", help="captioning: write a PNG of the photos with the full model's and the rule's "
                                        "captions, each word coloured by the decoder layer it left at")
+    parser.add_argument("--beam-size", type=int, help="captioning: beam search with this many beams (1: greedy; "
+                                                      "default: the run's evaluate.decoding)")
+    parser.add_argument("--length-penalty", type=float, help="captioning, beam search: score / length ** this")
+    parser.add_argument("--no-repeat-ngram", type=int, help="captioning, beam search: no repeated n-gram of this size")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (GPU) or int8 (CPU) (default: the run's "
                                         "evaluate.dtype, the precision its rules were calibrated at)")
     args = parser.parse_args(argv)
@@ -103,8 +114,8 @@ def predict_main(argv: list[str]) -> int:
             images = [Path(p) for p in args.image] + (image_inputs(Path(args.input)) if args.input else [])
             if not images:
                 raise DataError("give --image PATH or --input IMAGE_FOLDER")
-            results = [{"image": str(path), **result} for path, result in
-                       zip(images, predictor.caption(images, batch_size=args.batch_size, progress=True))]
+            captions = predictor.caption(images, batch_size=args.batch_size, progress=True, **search_options(args))
+            results = [{"image": str(path), **result} for path, result in zip(images, captions)]
             if args.plot:
                 plot_predictions(args, predictor, images, results)
         else:
@@ -118,6 +129,8 @@ def predict_main(argv: list[str]) -> int:
                 raise DataError("give --text TEXT or --input FILE")
             if args.plot:
                 raise DataError("--plot: only for captioning runs (words coloured by exit layer)")
+            if any(value is not None for value in search_options(args).values()):
+                raise DataError("--beam-size, --length-penalty, --no-repeat-ngram: only for captioning runs")
             results = predictor.predict(texts, batch_size=args.batch_size)
             results = [{"text": t if isinstance(t, str) else t["text"], **r} for t, r in zip(texts, results)]
     except MMExitError as error:

@@ -106,6 +106,15 @@ def test_reduced_quickstart_end_to_end(tmp_path):
     # photos are decoded a batch at a time (any batch size gives the same captions), and a missing or
     # unreadable one is named before any photo is encoded
     assert [r["caption"] for r in predictor.caption(images, batch_size=5)] == [r["caption"] for r in results]
+    # the search can be chosen per call: beam_size 1 is the run's greedy decoding, more is beam search
+    # (no layers per token), and the search's own values are checked
+    assert predictor.caption(images, batch_size=5, beam_size=1) == predictor.caption(images, batch_size=5)
+    beam = predictor.caption(images[:4], beam_size=3, length_penalty=0.5, no_repeat_ngram=2)
+    assert len(beam) == 4 and all(r["layers"] is None and r["caption"] for r in beam)
+    for bad, message in (({"beam_size": 0}, "beam_size: expected an integer >= 1"),
+                         ({"no_repeat_ngram": 2}, "apply to beam search: give beam_size > 1 too")):
+        with pytest.raises(DataError, match=message):
+            predictor.caption(images[:1], **bad)
     predictor.model.encode = lambda pixels: pytest.fail("encoded before every input was checked")
     (tmp_path / "notes.jpg").write_text("not a photo")
     for bad, message in ((tmp_path / "gone.jpg", "input 12: image file does not exist: .*gone.jpg"),
