@@ -23,6 +23,8 @@ from mmexit.files import atomic_write_text
 from mmexit.serve.load import load
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: photos one --plot figure shows (4 a row)
+PLOT_MAX_PHOTOS = 48
 
 
 def read_text_inputs(path: Path) -> list:
@@ -74,8 +76,10 @@ def search_options(args) -> dict:
 
 def plot_predictions(args, predictor, images: list[Path], results: list[dict]) -> None:
     """``--plot FILE``: the photos with the full model's captions and the run's rule's (when it is not
-    the full model), every word coloured by its exit layer."""
-
+    the full model), every word coloured by its exit layer; the first ``PLOT_MAX_PHOTOS`` of them."""
+    if len(images) > PLOT_MAX_PHOTOS:  # a taller figure than that is unreadable (and past Agg's limit)
+        print(f"mmexit predict: --plot draws the first {PLOT_MAX_PHOTOS} of {len(images)} photos", file=sys.stderr)
+        images, results = images[:PLOT_MAX_PHOTOS], results[:PLOT_MAX_PHOTOS]
     tokenizer = predictor.processor
     panels = [{} for _ in images]
     if predictor.operating_point != "full":
@@ -99,8 +103,8 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--rule", help="operating point, e.g. maxprob@0.9, pcee@0.85 or full (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--plot", help="captioning: write a PNG of the photos with the full model's and the rule's "
-                                       "captions, each word coloured by the decoder layer it left at")
+    parser.add_argument("--plot", help="captioning: write a PNG of the photos (the first 48) with the full model's "
+                                       "and the rule's captions, each word coloured by the decoder layer it left at")
     parser.add_argument("--beam-size", type=int, help="captioning: beam search with this many beams (1: greedy; "
                                                       "default: the run's evaluate.decoding)")
     parser.add_argument("--length-penalty", type=float, help="captioning, beam search: score / length ** this")
@@ -116,8 +120,6 @@ def predict_main(argv: list[str]) -> int:
                 raise DataError("give --image PATH or --input IMAGE_FOLDER")
             captions = predictor.caption(images, batch_size=args.batch_size, progress=True, **search_options(args))
             results = [{"image": str(path), **result} for path, result in zip(images, captions)]
-            if args.plot:
-                plot_predictions(args, predictor, images, results)
         else:
             if args.text_pair and len(args.text_pair) != len(args.text):
                 raise DataError("--text-pair: give one per --text")
@@ -141,4 +143,13 @@ def predict_main(argv: list[str]) -> int:
         atomic_write_text(Path(args.output), lines)
     else:
         sys.stdout.write(lines)
+    if args.plot:  # after the captions are out: a failed plot loses none of them
+        try:
+            plot_predictions(args, predictor, images, results)
+        except MMExitError as error:
+            print(f"mmexit: error: {error}", file=sys.stderr)
+            return error.exit_code
+        except OSError as error:
+            print(f"mmexit: error: --plot: cannot write {args.plot}: {error.strerror or error}", file=sys.stderr)
+            return 2
     return 0

@@ -53,6 +53,19 @@ def test_flickr8k_recipe_on_a_slice(tmp_path, monkeypatch, capsys):
     args = ["predict", str(out), "--rule", "maxprob@0.3", "--output", str(tmp_path / "p.jsonl"), "--plot", str(picture)]
     assert main(args + [arg for photo in photos for arg in ("--image", photo)]) == 0
     assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+    # a plot draws at most PLOT_MAX_PHOTOS and says so; a plot that cannot be written loses no caption
+    from mmexit.serve import predict_cli
+
+    monkeypatch.setattr(predict_cli, "PLOT_MAX_PHOTOS", 2)
+    capsys.readouterr()
+    blocked = tmp_path / "p.jsonl" / "picture.png"  # under a file: cannot be written
+    for plot, code in ((picture, 0), (blocked, 2)):
+        (tmp_path / "p.jsonl").unlink()
+        assert main(args[:-1] + [str(plot)] + [arg for photo in photos for arg in ("--image", photo)]) == code
+        assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 3
+    err = capsys.readouterr().err
+    assert err.count("--plot draws the first 2 of 3 photos") == 2
+    assert f"mmexit: error: --plot: cannot write {blocked}" in err
     # tools/exit_losses.py: each exit's teacher-forced loss on train and dev photos (cached features)
     spec = importlib.util.spec_from_file_location("exit_losses", REPO / "tools" / "exit_losses.py")
     tool = importlib.util.module_from_spec(spec)
