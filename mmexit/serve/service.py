@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from mmexit.data.coco import upright_rgb
 from mmexit.data.examples import TextExample
 from mmexit.serve.batcher import BatchEngine, caption_batch, text_batch_engine
 from mmexit.serve.caption_engine import ContinuousCaptionEngine, continuous_captions_supported
@@ -215,8 +216,6 @@ class CaptionService(Service):
     def decode_images(self, blobs: Sequence[bytes]) -> list:
         """Raw image files -> PIL images (upright RGB, fully decoded), or RequestError naming the first bad one."""
         from PIL import Image
-
-        from mmexit.data.coco import upright_rgb
 
         limits = self.limits
         if not blobs:
