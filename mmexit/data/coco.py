@@ -20,6 +20,8 @@ from tqdm import tqdm
 from mmexit.errors import DataError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+#: the EXIF tag saying how a stored image is turned (1: as stored)
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -131,7 +133,8 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     """An image as it is meant to be seen: turned by its EXIF Orientation tag (phone photos are stored
     sideways with a tag saying so), then RGB. An unreadable tag leaves the pixels as stored."""
     try:
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            image = ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block: the stored orientation is all there is
         pass
     return image.convert("RGB")
